@@ -1,0 +1,165 @@
+"""The configuration schema: one dataclass per section, merged by OmegaConf as a structured config.
+
+Every key a user can set lives here with its default. Presets in ``configs/`` and ``key=value``
+overrides are merged on top; unknown keys and wrong types are rejected by OmegaConf, value ranges
+by :mod:`ltdist.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    name: str = "fmnist_lt"
+    # Directory holding index.json and the train-/val-/test-*.tar shards (relative to the cwd).
+    shards: str = "data/fmnist_lt"
+    # Shard writer format used when `shards` has no index.json yet (see `ltdist shards --help`).
+    format: str = "fashion-mnist"
+    # Raw source directory for the writer; empty = the format's default location.
+    src: str = ""
+    profile: str = "exp"  # exp | pareto
+    imbalance: float = 1000.0  # imbalance factor IF = n_max / n_min
+    val_per_class: int = 20
+    image_size: int = 28  # side of the network input, pixels
+    channels: int = 1
+    num_workers: int = 2  # data-loader workers per rank
+    shuffle_buffer: int = 2000  # samples
+    max_skip_fraction: float = 0.01  # corrupt/invalid samples tolerated before the run stops
+    # Classes withheld from backbone training (continual setting): null, "few", or a list of class ids.
+    exclude_from_training: Any = None
+
+
+@dataclass
+class ModelConfig:
+    # resnet20|32|44|56|110 (CIFAR-style, small images), resnet50|101|152, resnext50_32x4d
+    arch: str = "resnet32"
+    classifier: str = "cosine"  # cosine | linear
+    scale_init: float = 16.0  # cosine classifier scale s at initialisation
+    learn_scale: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # base learning rate at `lr_reference_batch`
+    lr_scaling: str = "linear"  # linear | sqrt | none: effective lr from the global batch
+    lr_reference_batch: int = 256
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 1.0
+    grad_clip: float = 0.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class SamplingConfig:
+    # Target class probability q_j ∝ n_j^power: 1 instance, 0.5 square root, 0 class balanced.
+    power: float = 0.5
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    batch_size: int = 128  # global batch (all ranks, one optimizer step)
+    grad_accum: int = 1  # micro-steps per optimizer step
+    max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    log_every: int = 20  # steps between metrics.jsonl lines
+    checkpoint_every: int = 500  # steps between checkpoints (and at every epoch end)
+    max_nonfinite_steps: int = 5  # consecutive non-finite losses that stop the run
+    progress: bool = True  # tqdm bar on rank 0 when attached to a terminal
+
+
+@dataclass
+class KTConfig:
+    ks: list[int] = field(default_factory=lambda: [0, 20, 100])  # count thresholds k, sorted
+    tau: float = 10.0  # attention temperature
+    prototypes_from: str = "train"  # train | val
+
+
+@dataclass
+class MPCLConfig:
+    lam: float = 0.5  # weight λ of the prototype contrastive loss
+    tau: float = 0.07
+    momentum: float = 0.999  # EMA momentum m of the class prototypes
+    warmup_epochs: int = 5  # CE-only epochs before L_PC is switched on
+    meta_inner: str = "head"  # head | all: what the virtual SGD step covers
+    meta_lr: float = 1e-3
+    meta_per_class: int = 10  # images per class in the balanced meta set
+
+
+@dataclass
+class MPFAConfig:
+    alpha: float = 0.4
+    beta: float = 0.05
+    neighbours: int = 3  # M: neighbour classes with more samples
+    tukey: float = 0.5  # Tukey power λ
+    literal_inv_m: bool = False  # the paper's extra 1/M in front of the softmax weights
+    epochs: int = 10  # classifier retrain epochs
+
+
+@dataclass
+class MethodConfig:
+    name: str = "kt"  # kt | mpdt
+    kt: KTConfig = field(default_factory=KTConfig)
+    mpcl: MPCLConfig = field(default_factory=MPCLConfig)
+    mpfa: MPFAConfig = field(default_factory=MPFAConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    many_threshold: int = 100  # many-shot: n > many_threshold
+    few_threshold: int = 20  # few-shot: n < few_threshold; medium otherwise
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0  # 0 | 1 | 2
+    # Raw DeepSpeed config keys merged last into the generated dict (advanced use).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LaunchConfig:
+    nodes: int = 1
+    tasks_per_node: int = 1  # ranks per node (one per GPU on GPU nodes)
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float = 4.0  # per node
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    job_name: str = "ltdist"
+    # Extra sbatch options, e.g. {exclusive: true, mail-type: END}.
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    max_requeues: int = 3  # preemptions/time-outs before submitit gives up
+
+
+@dataclass
+class OutputConfig:
+    root: str = "runs"  # runs/<experiment>/<run_id>/
+    run_id: str = ""  # empty: a timestamp is chosen at launch
+
+
+@dataclass
+class Config:
+    experiment: str = "default"
+    # Stages run in order by every job: doctor, train, extract, kt, evaluate, ...
+    stages: list[str] = field(default_factory=lambda: ["doctor"])
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

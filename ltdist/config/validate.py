@@ -1,0 +1,149 @@
+"""Value checks on a merged config; every problem found is reported at once, each naming its key."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ltdist.config.load import ConfigError
+
+ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+         "resnet50", "resnet101", "resnet152", "resnext50_32x4d")
+# Stage names and the modules that implement them (see ltdist.stages).
+KNOWN_STAGES = ("doctor", "train", "extract", "kt", "evaluate", "mpfa")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def world_size_of(cfg: DictConfig) -> int:
+    """Ranks the job will have: nodes × tasks per node."""
+    return int(cfg.launch.nodes) * int(cfg.launch.tasks_per_node)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` listing every out-of-range or inconsistent value."""
+    problems: list[str] = []
+
+    def check(key: str, ok: Callable[[Any], bool], expectation: str) -> None:
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            problems.append(f"{key}: {expectation}, got {value!r}")
+
+    def one_of(key: str, choices: tuple) -> None:
+        check(key, lambda v: v in choices, f"must be one of {', '.join(map(str, choices))}")
+
+    positive = lambda v: v is not None and v > 0
+    non_negative = lambda v: v is not None and v >= 0
+    at_least_one = lambda v: v is not None and v >= 1
+    unit_interval = lambda v: v is not None and 0 <= v <= 1
+
+    check("experiment", lambda v: bool(v) and bool(_SAFE_NAME.match(v)), "must be a non-empty name of [A-Za-z0-9._-]")
+    check("output.run_id", lambda v: v == "" or bool(_SAFE_NAME.match(v)), "must be empty or a name of [A-Za-z0-9._-]")
+    check("output.root", lambda v: bool(v), "must be a non-empty path")
+
+    stages = list(cfg.stages)
+    if not stages:
+        problems.append("stages: must list at least one stage")
+    for name in stages:
+        if name not in KNOWN_STAGES:
+            problems.append(f"stages: unknown stage {name!r}; known stages: {', '.join(KNOWN_STAGES)}")
+    if len(set(stages)) != len(stages):
+        problems.append(f"stages: each stage may appear once, got {stages}")
+
+    one_of("data.profile", ("exp", "pareto"))
+    check("data.imbalance", lambda v: v is not None and v >= 1, "must be ≥ 1 (n_max / n_min)")
+    check("data.val_per_class", non_negative, "must be ≥ 0")
+    check("data.image_size", lambda v: v is not None and v >= 8, "must be ≥ 8 pixels")
+    one_of("data.channels", (1, 3))
+    check("data.num_workers", non_negative, "must be ≥ 0")
+    check("data.shuffle_buffer", at_least_one, "must be ≥ 1")
+    check("data.max_skip_fraction", unit_interval, "must be in [0, 1]")
+    check("data.shards", lambda v: bool(v), "must be a non-empty path")
+    excl = cfg.data.exclude_from_training
+    if not (excl is None or excl == "few" or (isinstance(excl, ListConfig)
+                                              and all(isinstance(c, int) and c >= 0 for c in excl))):
+        problems.append(f"data.exclude_from_training: must be null, 'few' or a list of class ids ≥ 0, got {excl!r}")
+
+    one_of("model.arch", ARCHS)
+    one_of("model.classifier", ("cosine", "linear"))
+    check("model.scale_init", positive, "must be > 0")
+
+    check("optim.lr", positive, "learning rate must be > 0")
+    one_of("optim.lr_scaling", ("linear", "sqrt", "none"))
+    check("optim.lr_reference_batch", at_least_one, "must be ≥ 1")
+    check("optim.momentum", lambda v: v is not None and 0 <= v < 1, "must be in [0, 1)")
+    check("optim.weight_decay", non_negative, "must be ≥ 0")
+    one_of("optim.schedule", ("cosine", "constant"))
+    check("optim.warmup_epochs", non_negative, "must be ≥ 0")
+    check("optim.grad_clip", non_negative, "must be ≥ 0 (0 disables clipping)")
+
+    check("sampling.power", unit_interval, "must be in [0, 1] (1 instance, 0.5 square root, 0 balanced)")
+
+    check("trainer.epochs", at_least_one, "must be ≥ 1")
+    check("trainer.batch_size", at_least_one, "must be ≥ 1")
+    check("trainer.grad_accum", at_least_one, "must be ≥ 1")
+    check("trainer.max_steps", non_negative, "must be ≥ 0 (0 = all epochs)")
+    one_of("trainer.precision", ("fp32", "bf16", "fp16"))
+    one_of("trainer.device", ("auto", "cpu", "cuda"))
+    check("trainer.log_every", at_least_one, "must be ≥ 1")
+    check("trainer.checkpoint_every", at_least_one, "must be ≥ 1")
+    check("trainer.max_nonfinite_steps", at_least_one, "must be ≥ 1")
+    world = world_size_of(cfg)
+    batch, accum = cfg.trainer.batch_size, cfg.trainer.grad_accum
+    if batch >= 1 and accum >= 1 and world >= 1 and batch % (world * accum) != 0:
+        problems.append(f"trainer.batch_size: global batch {batch} is not divisible by world size {world} "
+                        f"× trainer.grad_accum {accum}")
+
+    one_of("method.name", ("kt", "mpdt"))
+    ks = list(cfg.method.kt.ks)
+    if not ks or any(k < 0 for k in ks) or ks != sorted(set(ks)):
+        problems.append(f"method.kt.ks: thresholds must be non-negative, strictly increasing, non-empty, got {ks}")
+    check("method.kt.tau", positive, "temperature τ must be > 0")
+    one_of("method.kt.prototypes_from", ("train", "val"))
+    check("method.mpcl.lam", non_negative, "must be ≥ 0")
+    check("method.mpcl.tau", positive, "temperature τ must be > 0")
+    check("method.mpcl.momentum", lambda v: v is not None and 0 <= v < 1, "must be in [0, 1)")
+    check("method.mpcl.warmup_epochs", non_negative, "must be ≥ 0")
+    one_of("method.mpcl.meta_inner", ("head", "all"))
+    check("method.mpcl.meta_lr", positive, "must be > 0")
+    check("method.mpcl.meta_per_class", at_least_one, "must be ≥ 1")
+    check("method.mpfa.alpha", unit_interval, "must be in [0, 1]")
+    check("method.mpfa.beta", non_negative, "must be ≥ 0")
+    check("method.mpfa.neighbours", at_least_one, "must be ≥ 1")
+    check("method.mpfa.tukey", positive, "Tukey power must be > 0")
+    check("method.mpfa.epochs", at_least_one, "must be ≥ 1")
+
+    check("evaluate.many_threshold", non_negative, "must be ≥ 0")
+    check("evaluate.few_threshold", non_negative, "must be ≥ 0")
+    if cfg.evaluate.few_threshold > cfg.evaluate.many_threshold:
+        problems.append(f"evaluate.few_threshold: must be ≤ evaluate.many_threshold "
+                        f"({cfg.evaluate.few_threshold} > {cfg.evaluate.many_threshold})")
+
+    one_of("deepspeed.zero_stage", (0, 1, 2))
+    if cfg.method.mpcl.meta_inner == "all" and cfg.deepspeed.zero_stage > 2:
+        problems.append("method.mpcl.meta_inner: 'all' needs deepspeed.zero_stage ≤ 2")
+
+    check("launch.nodes", at_least_one, "must be ≥ 1")
+    check("launch.tasks_per_node", at_least_one, "must be ≥ 1")
+    check("launch.gpus_per_node", non_negative, "must be ≥ 0")
+    check("launch.cpus_per_task", at_least_one, "must be ≥ 1")
+    check("launch.mem_gb", positive, "must be > 0")
+    check("launch.time_min", at_least_one, "must be ≥ 1 minute")
+    check("launch.max_requeues", non_negative, "must be ≥ 0")
+    check("launch.job_name", lambda v: bool(v) and bool(_SAFE_NAME.match(v)), "must be a name of [A-Za-z0-9._-]")
+    gpus, tasks = cfg.launch.gpus_per_node, cfg.launch.tasks_per_node
+    if gpus > 0 and tasks != gpus:
+        problems.append(f"launch.tasks_per_node: must equal launch.gpus_per_node on GPU nodes "
+                        f"(one rank per GPU), got {tasks} tasks for {gpus} GPUs")
+    if cfg.trainer.device == "cuda" and gpus == 0:
+        problems.append("trainer.device: 'cuda' needs launch.gpus_per_node ≥ 1")
+
+    if problems:
+        raise ConfigError(problems)
+
+
+def config_to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML (what is saved as ``config.yaml`` in the run directory)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
