@@ -1,0 +1,1 @@
+"""Methods built on a trained backbone: KT classifiers (paper 1)."""
