@@ -50,7 +50,8 @@ def _from_torchrun() -> dict | None:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     return dict(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
                 local_world_size=local_world, node_rank=int(os.environ.get("GROUP_RANK", 0)),
-                master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"), job_id=os.environ.get("TORCHELASTIC_RUN_ID", ""))
+                master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                job_id=os.environ.get("TORCHELASTIC_RUN_ID", ""))
 
 
 def _port_for_job(job_id: str) -> int:

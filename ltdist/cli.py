@@ -1,0 +1,51 @@
+"""The ``ltdist`` console script: one subcommand per tool, each delegating to its module's ``main``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> module whose main(argv) -> int implements it
+COMMANDS = {
+    "launch": "ltdist.launch",
+    "shards": "ltdist.data.shards",
+    "stats": "ltdist.data.stats",
+}
+BENCHMARKS = {
+    "kernels": "ltdist.kernels.bench",
+    "engine": "ltdist.engine.bench",
+}
+
+USAGE = """usage: ltdist COMMAND [args...]
+
+commands:
+  launch         submit a job (local or Slurm): ltdist launch --cluster slurm [key=value ...]
+  shards         write webdataset shards + index.json from a raw dataset
+  stats          what the rebalancing stream will emit, per class, per rank
+  bench kernels  kernel microbenchmarks (Triton / C++ / CUDA vs PyTorch)
+  bench engine   DeepSpeed step time vs a plain PyTorch loop
+
+'ltdist COMMAND --help' describes each command."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "bench":
+        if not rest or rest[0] not in BENCHMARKS:
+            print(f"usage: ltdist bench {{{','.join(BENCHMARKS)}}} [args...]", file=sys.stderr)
+            return 2
+        module, rest = BENCHMARKS[rest[0]], rest[1:]
+    elif command in COMMANDS:
+        module = COMMANDS[command]
+    else:
+        print(f"ltdist: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return int(importlib.import_module(module).main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

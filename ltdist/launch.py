@@ -1,0 +1,178 @@
+"""Submit an ltdist job through submitit: ``python -m ltdist.launch --cluster {local,slurm} [key=value ...]``.
+
+The config is loaded and validated here, before anything is submitted; the run directory
+``<output.root>/<experiment>/<run_id>/`` gets the resolved ``config.yaml`` and the submitit logs
+(``logs/``). A local job runs in processes on this machine and is always followed to its end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from ltdist.config import ConfigError, config_to_yaml, load_config, validate_config
+
+# States after which a Slurm job will not run again (a requeued job goes back to PENDING instead).
+_SLURM_FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                       "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ltdist launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python -m ltdist.launch --cluster slurm --config configs/experiment/fmnist_lt.yaml "
+               "launch.partition=gpu launch.nodes=2 launch.tasks_per_node=8 launch.gpus_per_node=8 trainer.epochs=90")
+    parser.add_argument("--cluster", choices=("local", "slurm"), default="local",
+                        help="local: processes on this machine; slurm: sbatch through submitit (default: local)")
+    parser.add_argument("--config",
+                        help="YAML preset merged over the defaults (e.g. configs/experiment/fmnist_lt.yaml)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and the sbatch script; submit nothing")
+    parser.add_argument("--wait", action="store_true",
+                        help="follow rank 0's log until the job ends; exit with its status")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)")
+    return parser.parse_args(argv)
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """``<output.root>/<experiment>/<run_id>``; fills ``output.run_id`` with a timestamp when empty."""
+    if not cfg.output.run_id:
+        cfg.output.run_id = time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output.root).absolute() / cfg.experiment / cfg.output.run_id
+
+
+def build_executor(cluster: str, cfg: DictConfig, log_dir: Path):
+    """A submitit executor whose parameters come from ``cfg.launch``."""
+    import submitit
+
+    launch = cfg.launch
+    executor = submitit.AutoExecutor(folder=log_dir, cluster=cluster, slurm_max_num_timeout=launch.max_requeues)
+    common = dict(name=launch.job_name, timeout_min=launch.time_min, tasks_per_node=launch.tasks_per_node,
+                  stderr_to_stdout=True)
+    if launch.gpus_per_node:
+        common["gpus_per_node"] = launch.gpus_per_node
+    if cluster == "local":
+        executor.update_parameters(**common)
+        return executor
+    slurm = dict(nodes=launch.nodes, cpus_per_task=launch.cpus_per_task, mem_gb=launch.mem_gb,
+                 slurm_additional_parameters=OmegaConf.to_container(launch.additional_parameters, resolve=True))
+    for key in ("partition", "account", "qos", "constraint"):
+        if launch[key]:
+            slurm[f"slurm_{key}"] = launch[key]
+    executor.update_parameters(**common, **slurm)
+    return executor
+
+
+def sbatch_script(executor) -> str:
+    """The sbatch file submitit would submit (without submitting it)."""
+    return executor._executor._make_submission_file_text(executor._executor._submitit_command_str, "dry-run")
+
+
+def _write_config(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    text = config_to_yaml(cfg)
+    if path.exists() and path.read_text() != text:
+        # Re-launching into an existing run with other values: keep what the earlier job ran with.
+        previous = run_dir / f"config.previous-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+        path.rename(previous)
+        print(f"note: {path} differed from this launch's config; the old one is kept as {previous.name}")
+    path.write_text(text)
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    """JobState from ``scontrol show job`` (works without an accounting daemon); None once Slurm forgot it."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    for field in out.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return None
+
+
+def follow_job(job, cluster: str, poll_s: float = 1.0) -> int:
+    """Print rank 0's log as it grows until the job ends; return 0 on success, 1 otherwise."""
+    log_path = Path(job.paths.stdout)
+    offset = 0
+    final_state = None
+    while True:
+        if log_path.exists():
+            with open(log_path, errors="replace") as f:
+                f.seek(offset)
+                chunk = f.read()
+                offset = f.tell()
+            if chunk:
+                print(chunk, end="", flush=True)
+        if final_state is not None:
+            break
+        if job.paths.result_pickle.exists():
+            final_state = "FINISHED"
+        elif cluster == "slurm":
+            state = slurm_job_state(str(job.job_id))
+            if state is None or state in _SLURM_FINAL_STATES:
+                final_state = state or "GONE"
+        elif job.done():
+            final_state = "FINISHED"
+        time.sleep(poll_s if final_state is None else 0.5)  # one more read of the log after the end
+    if not job.paths.result_pickle.exists():
+        print(f"\njob {job.job_id} ended ({final_state}) without a result; see {log_path}", file=sys.stderr)
+        return 1
+    try:
+        job.results()
+    except Exception as exc:  # the job's own exception, re-raised by submitit with its traceback text
+        print(f"\njob {job.job_id} failed:\n{exc}", file=sys.stderr)
+        return 1
+    print(f"\njob {job.job_id} completed")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate_config(cfg)
+        if args.cluster == "local" and cfg.launch.nodes != 1:
+            raise ConfigError([f"launch.nodes: the local executor runs on one node, got {cfg.launch.nodes}"])
+    except ConfigError as exc:
+        print(f"ltdist launch: {exc}", file=sys.stderr)
+        return 2
+    run_dir = resolve_run_dir(cfg)
+    log_dir = run_dir / "logs"
+
+    if args.dry_run:
+        print("# resolved config")
+        print(config_to_yaml(cfg))
+        print(f"# run directory: {run_dir}")
+        if args.cluster == "slurm":
+            print("# sbatch script")
+            print(sbatch_script(build_executor("slurm", cfg, log_dir)))
+        else:
+            print(f"# local executor: {cfg.launch.tasks_per_node} process(es) on this machine")
+        return 0
+
+    from ltdist.job import Job
+
+    _write_config(cfg, run_dir)
+    executor = build_executor(args.cluster, cfg, log_dir)
+    try:
+        job = executor.submit(Job(cfg, run_dir))
+    except Exception as exc:  # sbatch errors arrive as FailedJobError/CalledProcessError with Slurm's text
+        print(f"ltdist launch: submission failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"job id:        {job.job_id}")
+    print(f"run directory: {run_dir}")
+    print(f"rank 0 log:    {job.paths.stdout}")
+    print(f"all logs:      {log_dir}")
+    if args.wait or args.cluster == "local":
+        return follow_job(job, args.cluster)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
