@@ -1,0 +1,114 @@
+"""Calibrated Gaussian feature sampling for MPFA (paper 2, §3.3; DESIGN.md "MPFA and the sampler").
+
+Each request s (a real feature z̃_s of class o_s, with M neighbour classes k_sm and weights w_sm)
+gets R draws from N(μ_s, Σ_s) with
+    μ_s = (1−α) z̃_s + α Σ_m w_sm ĉ_{k_sm}
+    Σ_s = (1−α)² Σ_{o_s} + α² Σ_m w_sm Σ_{k_sm} + β I,   Σ_k = (Z_k − ĉ_k)ᵀ(Z_k − ĉ_k) / (N_k − 1)
+(eqs. 9–10; the weights are used as given: pass softmax weights, or softmax/M for the paper's literal
+form). A class with N_k = 1 has Σ_k = 0. The fast path (``torch.ops.ltdist.calibrated_sample``, C++
+with OpenMP, CUDA when built with it) samples through the factors A_k = (Z_k − ĉ_k)ᵀ/√(N_k−1): memory is
+the bank itself, no d×d matrix. :func:`calibrated_sample_dense` builds Σ and uses Cholesky (the
+reference, small d only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ltdist.extension import group_by_class, load_extension
+
+
+def group_bank(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature bank grouped by class: (bank [N,d] float32, offsets [C+1] int64) from features [N,d] and
+    labels [N]; class c owns rows offsets[c]:offsets[c+1], in input order."""
+    order, offsets = group_by_class(labels.cpu(), num_classes)
+    return features[order.to(features.device)].float().contiguous(), offsets.to(features.device)
+
+
+def check_sampler_inputs(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.Tensor, source: torch.Tensor,
+                         source_class: torch.Tensor, neighbours: torch.Tensor, weights: torch.Tensor,
+                         alpha: float, beta: float) -> None:
+    """Raise ``ValueError`` naming the first problem in the sampler inputs (shapes are checked in C++)."""
+    for name, t in (("bank", bank), ("centres", centres), ("source", source), ("weights", weights)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"calibrated_sample: {name} contains NaN or Inf")
+    if offsets.dim() != 1 or offsets.numel() < 2 or int(offsets[0]) != 0 or int(offsets[-1]) != bank.shape[0] \
+            or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"calibrated_sample: offsets must be non-decreasing from 0 to the bank size "
+                         f"{bank.shape[0]}, got {offsets.tolist()[:8]}…")
+    num_classes = offsets.numel() - 1
+    counts = offsets[1:] - offsets[:-1]
+    for name, ids in (("source_class", source_class), ("neighbours", neighbours)):
+        bad = (ids < 0) | (ids >= num_classes)
+        if bool(bad.any()):
+            raise ValueError(f"calibrated_sample: {name} has class id {int(ids[bad][0])} outside "
+                             f"[0, {num_classes})")
+        empty = counts[ids] == 0
+        if bool(empty.any()):
+            raise ValueError(f"calibrated_sample: {name} refers to class {int(ids[empty][0])}, which has no "
+                             f"samples in the bank")
+    if bool((weights < 0).any()):
+        raise ValueError("calibrated_sample: neighbour weights must be >= 0")
+    if not 0.0 <= alpha <= 1.0 or beta < 0.0:
+        raise ValueError(f"calibrated_sample: need 0 <= alpha <= 1 and beta >= 0, got alpha={alpha}, beta={beta}")
+
+
+def calibrated_sample(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.Tensor, source: torch.Tensor,
+                      source_class: torch.Tensor, neighbours: torch.Tensor, weights: torch.Tensor,
+                      alpha: float, beta: float, samples_per_source: int, seed: int) -> torch.Tensor:
+    """Draw ``samples_per_source`` calibrated features per request (factor path, exact distribution).
+
+    Args:
+        bank: [rows, d] float32 features grouped by class (see :func:`group_bank`).
+        offsets: [C+1] int64, class c owns ``bank[offsets[c]:offsets[c+1]]``.
+        centres: [C, d] float32 class centres ĉ_c (meta-prototypes).
+        source: [S, d] float32 source features z̃_s.
+        source_class: [S] int64 class of each source feature (its own covariance).
+        neighbours: [S, M] int64 neighbour classes; weights: [S, M] float32 their weights w_sm.
+        alpha, beta: calibration strength α ∈ [0,1] and isotropic variance β ≥ 0.
+        samples_per_source: R; seed: the draws are a pure function of (seed, s, r): the same for any
+            thread count, and the C++ and CUDA paths use the same random stream.
+    Returns:
+        [S, R, d] float32 on the device of ``bank``.
+    """
+    check_sampler_inputs(bank, offsets, centres, source, source_class, neighbours, weights, alpha, beta)
+    load_extension()
+    return torch.ops.ltdist.calibrated_sample(bank, offsets, centres, source, source_class, neighbours, weights,
+                                              float(alpha), float(beta), int(samples_per_source), int(seed))
+
+
+def calibrated_moments(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.Tensor, source: torch.Tensor,
+                       source_class: int, neighbours: torch.Tensor, weights: torch.Tensor, alpha: float,
+                       beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense (μ [d], Σ [d,d]) in float64 for one request: source [d], neighbours [M], weights [M]."""
+    def class_cov(c: int) -> torch.Tensor:
+        z = bank[int(offsets[c]):int(offsets[c + 1])].double() - centres[c].double()
+        if z.shape[0] <= 1:
+            return torch.zeros(bank.shape[1], bank.shape[1], dtype=torch.float64, device=bank.device)
+        return z.T @ z / (z.shape[0] - 1)
+
+    w = weights.double()
+    mu = (1 - alpha) * source.double() + alpha * (w[:, None] * centres[neighbours].double()).sum(0)
+    cov = (1 - alpha) ** 2 * class_cov(source_class) + beta * torch.eye(bank.shape[1], dtype=torch.float64,
+                                                                          device=bank.device)
+    for k, wk in zip(neighbours.tolist(), w.tolist()):
+        cov += alpha**2 * wk * class_cov(k)
+    return mu, cov
+
+
+def calibrated_sample_dense(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.Tensor, source: torch.Tensor,
+                            source_class: torch.Tensor, neighbours: torch.Tensor, weights: torch.Tensor,
+                            alpha: float, beta: float, samples_per_source: int,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Reference: build Σ_s (d×d), Cholesky, sample. Same arguments and result shape as
+    :func:`calibrated_sample` (a generator instead of a seed); needs β > 0 so that Σ_s is definite."""
+    check_sampler_inputs(bank, offsets, centres, source, source_class, neighbours, weights, alpha, beta)
+    if beta <= 0:
+        raise ValueError("calibrated_sample_dense: needs beta > 0 (Cholesky of a possibly singular Σ)")
+    out = []
+    for s in range(source.shape[0]):
+        mu, cov = calibrated_moments(bank, offsets, centres, source[s], int(source_class[s]), neighbours[s],
+                                     weights[s], alpha, beta)
+        eps = torch.randn(samples_per_source, mu.numel(), dtype=torch.float64, generator=generator)
+        out.append(mu + eps.to(mu.device) @ torch.linalg.cholesky(cov).T)
+    return torch.stack(out).float()

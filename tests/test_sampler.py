@@ -1,0 +1,124 @@
+"""Calibrated Gaussian sampler: C++ factor path vs the dense Cholesky reference and vs Σ itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ltdist.kernels.calibrated_sampler import (
+    calibrated_moments,
+    calibrated_sample,
+    calibrated_sample_dense,
+    group_bank,
+)
+
+from ltdist.extension import extension_available
+
+pytestmark = pytest.mark.skipif(not extension_available(), reason="ltdist._C is not built")
+
+ALPHA, BETA = 0.4, 0.05
+
+
+def make_problem(counts: list[int], d: int, seed: int = 0):
+    """A bank with anisotropic classes (per-dimension scales 2 … 0.05), centres = class means + noise."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0.3, -1.3, d)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    feats = torch.randn(labels.numel(), d, generator=g) * scales + torch.randn(len(counts), d, generator=g)[labels]
+    bank, offsets = group_bank(feats, labels, len(counts))
+    centres = torch.stack([bank[offsets[c]:offsets[c + 1]].mean(0) for c in range(len(counts))])
+    centres += 0.1 * torch.randn(centres.shape, generator=g)
+    return bank, offsets, centres
+
+
+def request(bank, offsets, centres, own: int, nbrs: list[int], weights: list[float], copies: int = 1):
+    src = bank[offsets[own]].expand(copies, -1).contiguous()
+    return (bank, offsets, centres, src, torch.full((copies,), own), torch.tensor([nbrs] * copies),
+            torch.tensor([weights] * copies))
+
+
+def test_seeded_determinism_and_thread_independence():
+    args = request(*make_problem([5, 30, 40, 1], d=16), own=0, nbrs=[1, 2, 3], weights=[0.5, 0.3, 0.2], copies=6)
+    a = calibrated_sample(*args, ALPHA, BETA, samples_per_source=7, seed=123)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        b = calibrated_sample(*args, ALPHA, BETA, samples_per_source=7, seed=123)
+    finally:
+        torch.set_num_threads(threads)
+    c = calibrated_sample(*args, ALPHA, BETA, samples_per_source=7, seed=124)
+    assert a.shape == (6, 7, 16)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    assert not torch.allclose(a[0, 0], a[0, 1])  # draws differ from each other
+
+
+def test_mean_and_covariance_match_at_d32_with_200k_draws():
+    d, copies, per = 32, 8, 25_000  # 200 000 draws
+    # own class with 5 features; neighbours with 40 and 60 features and one with a single feature
+    args = request(*make_problem([5, 40, 60, 1], d=d), own=0, nbrs=[1, 2, 3], weights=[0.5, 0.3, 0.2],
+                   copies=copies)
+    x = calibrated_sample(*args, ALPHA, BETA, samples_per_source=per, seed=7).reshape(-1, d).double()
+    bank, offsets, centres, src, _, nbrs, w = args
+    mu, cov = calibrated_moments(bank, offsets, centres, src[0], 0, nbrs[0], w[0], ALPHA, BETA)
+    mean = x.mean(0)
+    emp_cov = torch.cov(x.T)
+    rel_frob = torch.linalg.norm(emp_cov - cov) / torch.linalg.norm(cov)
+    assert rel_frob <= 0.02, f"covariance relative Frobenius error {rel_frob:.4f}"
+    z = (mean - mu) / (cov.diagonal() / x.shape[0]).sqrt()
+    assert z.abs().max() < 5.0, f"mean off by {z.abs().max():.2f} standard errors"
+    assert torch.linalg.norm(mean - mu) / torch.linalg.norm(mu) <= 0.02
+
+
+def test_factor_path_and_dense_path_agree_in_distribution():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    d, n = 8, 20_000
+    args = request(*make_problem([2, 30, 12], d=d, seed=3), own=0, nbrs=[1, 2], weights=[0.7, 0.3])
+    fast = calibrated_sample(*args, ALPHA, BETA, samples_per_source=n, seed=11)[0].double()
+    dense = calibrated_sample_dense(*args, ALPHA, BETA, samples_per_source=n,
+                                    generator=torch.Generator().manual_seed(5))[0].double()
+    cov_f, cov_d = torch.cov(fast.T), torch.cov(dense.T)
+    assert torch.linalg.norm(cov_f - cov_d) / torch.linalg.norm(cov_d) < 0.05
+    proj = torch.randn(d, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for j in range(4):
+        p = scipy_stats.ks_2samp((fast @ proj[:, j]).numpy(), (dense @ proj[:, j]).numpy()).pvalue
+        assert p > 1e-3, f"projection {j}: KS p-value {p:.2e}"
+
+
+def test_class_counts_1_2_5_give_finite_samples():
+    bank, offsets, centres = make_problem([1, 2, 5], d=24)
+    for own in range(3):
+        nbrs = [c for c in range(3) if c != own]
+        x = calibrated_sample(*request(bank, offsets, centres, own, nbrs, [0.5, 0.5], copies=3), ALPHA, BETA,
+                              samples_per_source=50, seed=0)
+        assert torch.isfinite(x).all()
+    # own class of one feature and β = 0, single-feature neighbour: no spread at all, x = μ exactly
+    x = calibrated_sample(*request(bank, offsets, centres, 0, [0], [1.0]), ALPHA, 0.0, samples_per_source=4,
+                          seed=0)
+    mu = (1 - ALPHA) * bank[0] + ALPHA * centres[0]
+    torch.testing.assert_close(x[0], mu.expand(4, -1))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda a: a.__setitem__(3, a[3].clone().index_fill_(1, torch.tensor([0]), float("nan"))), "NaN"),
+        (lambda a: a.__setitem__(5, torch.tensor([[1, 9]])), "outside"),
+        (lambda a: a.__setitem__(1, torch.tensor([0, 2, 2, 8])), "no samples"),
+    ],
+    ids=["nan-source", "neighbour-out-of-range", "empty-class"],
+)
+def test_bad_input_is_named(change, message):
+    bank, offsets, centres = make_problem([2, 4, 2], d=4)
+    args = list(request(bank, offsets, centres, 0, [1, 2], [0.5, 0.5]))
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        calibrated_sample(*args, ALPHA, BETA, samples_per_source=2, seed=0)
+
+
+def test_meta_implementation_gives_the_shape():
+    meta = torch.device("meta")
+    out = torch.ops.ltdist.calibrated_sample(
+        torch.empty(10, 6, device=meta), torch.empty(4, dtype=torch.long, device=meta),
+        torch.empty(3, 6, device=meta), torch.empty(5, 6, device=meta), torch.empty(5, dtype=torch.long, device=meta),
+        torch.empty(5, 2, dtype=torch.long, device=meta), torch.empty(5, 2, device=meta), 0.4, 0.05, 9, 0)
+    assert out.shape == (5, 9, 6) and out.device.type == "meta"
