@@ -75,8 +75,9 @@ class KTClassifiers:
 
     ``weights`` [C, F] learned classifier rows (cosine or dot-product), ``bias`` [C] or None (dot product),
     ``scale`` the cosine scale s used for every KT classifier's softmax, ``prototypes`` [C, F] unit rows,
-    ``w_h`` / ``w_hc`` [K, C, F] for ``ks`` (eqs. 7, 9), ``backbone_counts`` [C] int64 samples of each
-    class the backbone trained on (0: never trained).
+    ``w_h`` / ``w_hc`` [K, C, F] for ``ks`` (eqs. 7, 9), ``train_counts`` [C] int64 the dataset's
+    training samples per class (the evaluation groups), ``backbone_counts`` [C] int64 those the backbone
+    trained on (0: never trained, the continual setting).
     """
 
     ks: list[int]
@@ -86,6 +87,7 @@ class KTClassifiers:
     weights: torch.Tensor
     bias: torch.Tensor | None
     prototypes: torch.Tensor
+    train_counts: torch.Tensor
     backbone_counts: torch.Tensor
     w_h: torch.Tensor
     w_hc: torch.Tensor

@@ -1,0 +1,112 @@
+"""The ``extract`` stage: the trained backbone's features for every split, saved in the run directory.
+
+Every rank embeds its share of each split (``ltdist.data.iterate_split`` gives each sample to exactly
+one rank) and writes ``features/<split>.rank<r>.pt``; after a barrier rank 0 merges the shards into
+``features/<split>.pt`` — a dict with ``features`` [N, F] float32 (un-normalised backbone output),
+``labels`` [N] int64 and ``keys`` list[str], sorted by key so the file does not depend on the number
+of ranks — and removes the rank files. A split whose merged file is newer than the model export is
+skipped, so a requeued job does not redo finished splits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ltdist.stages import StageContext
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def features_path(run_dir: Path, split: str) -> Path:
+    return run_dir / "features" / f"{split}.pt"
+
+
+def model_path(run_dir: Path) -> Path:
+    """The train stage's export (``ltdist.models.export_model``)."""
+    return run_dir / "weights" / "final.pt"
+
+
+def _save_atomic(obj: object, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_features(run_dir: Path, split: str) -> dict:
+    """``{"features": [N, F] float32, "labels": [N] int64, "keys": list[str]}`` of one split."""
+    path = features_path(run_dir, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the extract stage first (stages=[extract,...])")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def merge_feature_shards(shards: list[dict]) -> dict:
+    """One split's per-rank shards → one dict sorted by sample key; duplicate keys are an error."""
+    keys = [k for s in shards for k in s["keys"]]
+    if len(set(keys)) != len(keys):
+        raise ValueError("extract: a sample key appears on more than one rank; the split was not partitioned")
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    index = torch.tensor(order, dtype=torch.long)
+    features = torch.cat([s["features"] for s in shards]) if shards else torch.empty(0, 0)
+    labels = torch.cat([s["labels"] for s in shards]) if shards else torch.empty(0, dtype=torch.long)
+    return {"features": features[index].float(), "labels": labels[index].long(), "keys": [keys[i] for i in order]}
+
+
+@torch.no_grad()
+def embed_split(model: torch.nn.Module, batches, device: torch.device) -> dict:
+    """Features of every batch this rank receives: ``{"features", "labels", "keys"}`` on CPU."""
+    features, labels, keys = [], [], []
+    for batch in batches:
+        features.append(model.forward_features(batch.images.to(device, non_blocking=True)).float().cpu())
+        labels.append(batch.labels.long().cpu())
+        keys.extend(batch.keys)
+    if not features:
+        return {"features": torch.empty(0, model.feature_dim), "labels": torch.empty(0, dtype=torch.long),
+                "keys": []}
+    return {"features": torch.cat(features), "labels": torch.cat(labels), "keys": keys}
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def run(ctx: StageContext) -> None:
+    from ltdist.data import ensure_shards, iterate_split, read_index
+    from ltdist.models import load_exported_model
+
+    cfg, env = ctx.cfg, ctx.dist
+    weights = model_path(ctx.run_dir)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing: the extract stage needs the train stage's model export")
+    index = read_index(ensure_shards(cfg.data))
+    model = load_exported_model(weights).to(env.device).eval()
+    for split in SPLITS:
+        merged = features_path(ctx.run_dir, split)
+        if merged.is_file() and merged.stat().st_mtime >= weights.stat().st_mtime:
+            log.info("extract: %s is up to date, skipped", merged)
+            continue
+        batches = iterate_split(index, split, batch_size=cfg.trainer.batch_size, rank=env.rank,
+                                world_size=env.world_size, image_size=cfg.data.image_size,
+                                channels=cfg.data.channels, num_workers=cfg.data.num_workers)
+        shard = embed_split(model, batches, env.device)
+        shard_path = merged.with_name(f"{split}.rank{env.rank}.pt")
+        _save_atomic(shard, shard_path)
+        _barrier()
+        if env.is_main:
+            paths = [merged.with_name(f"{split}.rank{r}.pt") for r in range(env.world_size)]
+            result = merge_feature_shards([torch.load(p, weights_only=True) for p in paths])
+            _save_atomic(result, merged)
+            for p in paths:
+                p.unlink()
+            log.info("extract: %s: %d samples, %d features each", split, len(result["keys"]),
+                     result["features"].shape[1])
+        _barrier()

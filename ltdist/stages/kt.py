@@ -1,0 +1,96 @@
+"""The ``kt`` stage: prototypes and KT classifiers from the extracted features and the trained head.
+
+Rank 0 reads ``features/<method.kt.prototypes_from>.pt`` (prototypes, eq. 3), ``features/train.pt``
+(the dataset's training count per class), the classifier of ``weights/final.pt`` and builds w_h(k),
+w_hc(k) for every k in ``method.kt.ks`` (:mod:`ltdist.methods.kt`). Classes of
+``data.exclude_from_training`` count 0 for the attention (the backbone never saw them). The result is
+``classifiers/kt.pt`` (:class:`ltdist.methods.kt.KTClassifiers` as a dict); other ranks wait for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ltdist.methods.kt import KTClassifiers, build_kt_classifiers, class_prototypes, excluded_classes
+from ltdist.stages import StageContext
+from ltdist.stages.extract import load_features, model_path
+
+log = logging.getLogger(__name__)
+
+
+def classifiers_path(run_dir: Path) -> Path:
+    return run_dir / "classifiers" / "kt.pt"
+
+
+def load_kt_classifiers(run_dir: Path) -> KTClassifiers:
+    path = classifiers_path(run_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the kt stage first (stages=[kt,evaluate])")
+    return KTClassifiers.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def make_kt_classifiers(head: torch.nn.Module, train: dict, prototype_source: dict, *, ks: list[int],
+                        tau: float, exclude: object, few_threshold: int,
+                        linear_scale: float) -> KTClassifiers:
+    """KT classifiers for a trained head, its training counts and prototypes.
+
+    Args:
+        head: the model's classifier (``CosineClassifier``: weight, scale; ``LinearClassifier``: weight,
+            bias — KT then uses its normalised rows and ``linear_scale`` as s).
+        train, prototype_source: feature dicts (see :func:`ltdist.stages.extract.load_features`).
+    """
+    weights = head.weight.detach().float().cpu()
+    num_classes = weights.shape[0]
+    if train["labels"].numel() and int(train["labels"].max()) >= num_classes:
+        raise ValueError(f"kt: train labels reach {int(train['labels'].max())} but the classifier has "
+                         f"{num_classes} classes")
+    train_counts = torch.bincount(train["labels"], minlength=num_classes)
+    excluded = excluded_classes(exclude, train_counts.tolist(), few_threshold)
+    backbone_counts = train_counts.clone()
+    backbone_counts[excluded] = 0
+    prototypes = class_prototypes(prototype_source["features"], prototype_source["labels"], num_classes)
+    w_h, w_hc = build_kt_classifiers(prototypes, weights, backbone_counts, ks, tau)
+    cosine = hasattr(head, "scale")
+    bias = None if cosine else head.bias.detach().float().cpu()
+    scale = float(head.scale.detach()) if cosine else float(linear_scale)
+    kt = KTClassifiers(ks=list(ks), tau=float(tau), scale=scale, classifier_type="cosine" if cosine else "linear",
+                       weights=weights, bias=bias, prototypes=prototypes, train_counts=train_counts,
+                       backbone_counts=backbone_counts, w_h=w_h, w_hc=w_hc)
+    return kt
+
+
+def run(ctx: StageContext) -> None:
+    cfg = ctx.cfg
+    if ctx.dist.is_main:
+        from ltdist.models import load_exported_model
+
+        weights = model_path(ctx.run_dir)
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing: the kt stage needs the train stage's model export")
+        head = load_exported_model(weights).classifier
+        train = load_features(ctx.run_dir, "train")
+        source = train if cfg.method.kt.prototypes_from == "train" else load_features(ctx.run_dir, "val")
+        kt = make_kt_classifiers(
+            head, train, source, ks=list(cfg.method.kt.ks), tau=cfg.method.kt.tau,
+            exclude=cfg.data.exclude_from_training, few_threshold=cfg.evaluate.few_threshold,
+            linear_scale=cfg.model.scale_init)
+        path = classifiers_path(ctx.run_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(kt.state_dict(), tmp)
+        os.replace(tmp, path)
+        untrained = (kt.backbone_counts == 0).nonzero().flatten().tolist()
+        summary = {"stage": "kt", "ks": kt.ks, "tau": kt.tau, "scale": kt.scale,
+                   "prototypes_from": cfg.method.kt.prototypes_from, "untrained_classes": untrained,
+                   "prototype_weight_cosine": F.cosine_similarity(kt.prototypes, kt.weights, dim=1).tolist()}
+        ctx.append_metrics(summary)
+        log.info("kt: %s", json.dumps({k: v for k, v in summary.items() if k != "prototype_weight_cosine"}))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
