@@ -55,14 +55,15 @@ def plot_group_bars(path: Path, results: dict[str, dict[str, float | None]]) -> 
     names = list(results)
     width = 0.8 / max(len(names), 1)
     x = np.arange(len(columns))
-    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(names)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(names)), 5.5))
+    colours = plt.get_cmap("tab20").colors  # more classifiers than tab10 has colours
     for i, name in enumerate(names):
         heights = [100 * (results[name][c] if results[name][c] is not None else np.nan) for c in columns]
-        ax.bar(x + (i - (len(names) - 1) / 2) * width, heights, width, label=name)
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, heights, width, label=name, color=colours[i % 20])
     ax.set_xticks(x, [f"{c}-shot" if c != "all" else "all" for c in columns])
     ax.set_ylabel("test top-1 (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))  # below: bars stay visible
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
