@@ -28,21 +28,28 @@ def _percent(value: float | None) -> str:
     return "N/A" if value is None else f"{100 * value:.1f}"
 
 
-def format_table(results: dict[str, dict[str, float | None]], sections: Sequence[TableSection]) -> str:
-    """A Markdown table in the layout of paper 1 Table 1: one row per classifier, percentages."""
+def format_table(results: dict[str, dict[str, float | None]], sections: Sequence[TableSection],
+                 labels: dict[str, str] | None = None) -> str:
+    """A Markdown table in the layout of paper 1 Table 1: one row per classifier, percentages.
+
+    ``labels`` maps a classifier name to the text of its "Classifier type" cell (default: the name).
+    """
+    labels = labels or {}
     lines = ["| Method | Classifier type | Many-shot | Medium-shot | Few-shot | Total |",
              "|---|---|---:|---:|---:|---:|"]
     for section in sections:
         for row, name in enumerate(section.classifiers):
             cells = [_percent(results[name][c]) for c in COLUMNS]
-            lines.append(f"| {section.method if row == 0 else ''} | {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {section.method if row == 0 else ''} | {labels.get(name, name)} | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_report(out_dir: Path, *, dataset: str, groups: dict[str, list[int]],
                  results: dict[str, dict[str, float | None]], per_class: dict[str, list[float]],
                  train_counts: Sequence[int], tables: dict[str, Sequence[TableSection]],
-                 notes: Sequence[str] = (), plots: Sequence[Path] = ()) -> Path:
+                 notes: Sequence[str] = (), plots: Sequence[Path] = (),
+                 labels: dict[str, str] | None = None) -> Path:
     """Write report.json, per_class_accuracy.json and report.md into ``out_dir``; return report.md's path.
 
     Args:
@@ -53,6 +60,7 @@ def write_report(out_dir: Path, *, dataset: str, groups: dict[str, list[int]],
         tables: title → sections; each becomes one Markdown table.
         notes: lines printed under the tables (setting, thresholds, what "N/A" means).
         plots: PNG files to link from the Markdown report.
+        labels: classifier name → its text in the Markdown tables (default: the name).
     """
     missing = [name for section in (s for t in tables.values() for s in t) for name in section.classifiers
                if name not in results]
@@ -70,7 +78,7 @@ def write_report(out_dir: Path, *, dataset: str, groups: dict[str, list[int]],
 
     md = [f"# Long-tail evaluation: {dataset}", ""]
     for title, sections in tables.items():
-        md += [f"## {title}", "", format_table(results, sections), ""]
+        md += [f"## {title}", "", format_table(results, sections, labels), ""]
     md += [f"- {note}" for note in notes] + [""] if notes else []
     md += ["## Per-class top-1 (%)", "",
            "| Class | Train count | Group | " + " | ".join(per_class) + " |",

@@ -35,23 +35,37 @@ CHUNK = 4096  # test samples scored at once: bounds memory to CHUNK × C probabi
 
 
 def classifier_names(kt: KTClassifiers) -> tuple[list[str], list[str]]:
-    """(Table 1 rows, Table 2 rows): names of the classifiers :func:`predict` scores."""
-    base = "cosine classifier" if kt.classifier_type == "cosine" else "dot product"
-    main = [base, "prototypes", "prototypes + classifier", *(f"w_h({k})" for k in kt.ks),
-            "ensemble (" + ", ".join(f"w_h({k})" for k in kt.ks) + ")"]
-    continual_ks = kt.ks[1:] or kt.ks
-    continual = [base, "prototypes", *(f"w_hc({k})" for k in kt.ks),
-                 "ensemble (prototypes, " + ", ".join(f"w_hc({k})" for k in continual_ks) + ")"]
+    """(Table 1 rows, Table 2 rows): names of the classifiers :func:`predict` scores.
+
+    "cosine" (or "dot product" for a linear head), "prototypes", "prototypes + classifier", "w_h(k)",
+    "ensemble" (eq. 8 over every w_h(k)), "w_hc(k)" and "continual ensemble" (prototypes and w_hc(k)
+    for every k but the smallest, as paper 1 Table 2).
+    """
+    base = "cosine" if kt.classifier_type == "cosine" else "dot product"
+    main = [base, "prototypes", "prototypes + classifier", *(f"w_h({k})" for k in kt.ks), "ensemble"]
+    continual = [base, "prototypes", *(f"w_hc({k})" for k in kt.ks), "continual ensemble"]
     return main, continual
+
+
+def _ensemble_members(kt: KTClassifiers) -> dict[str, list[str]]:
+    return {"ensemble": [f"w_h({k})" for k in kt.ks],
+            "continual ensemble": ["prototypes", *(f"w_hc({k})" for k in (kt.ks[1:] or kt.ks))]}
+
+
+def table_labels(kt: KTClassifiers) -> dict[str, str]:
+    """Classifier name → the "Classifier type" cell of the Markdown tables (paper 1 wording)."""
+    labels = {name: f"{name} ({', '.join(parts)})" for name, parts in _ensemble_members(kt).items()}
+    labels["cosine"] = "cosine classifier"
+    return labels
 
 
 def _scores(kt: KTClassifiers, features: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, [B, C] scores) of every classifier, in the order of :func:`classifier_names`."""
-    main, continual = classifier_names(kt)
+    base = classifier_names(kt)[0][0]
     if kt.classifier_type == "cosine":
-        yield main[0], cosine_probabilities(features, kt.weights, kt.scale)
+        yield base, cosine_probabilities(features, kt.weights, kt.scale)
     else:
-        yield main[0], features @ kt.weights.T + kt.bias
+        yield base, features @ kt.weights.T + kt.bias
     trained = (kt.backbone_counts > 0).float()[:, None]
     # An untrained class has no learned weight: its "prototypes + classifier" row is its prototype.
     vectors = {"prototypes": kt.prototypes,
@@ -59,9 +73,7 @@ def _scores(kt: KTClassifiers, features: torch.Tensor) -> Iterator[tuple[str, to
     vectors.update({f"w_h({k})": kt.w_h[i] for i, k in enumerate(kt.ks)})
     vectors.update({f"w_hc({k})": kt.w_hc[i] for i, k in enumerate(kt.ks)})
     probs = {name: cosine_probabilities(features, v, kt.scale) for name, v in vectors.items()}
-    members = {main[-1]: [f"w_h({k})" for k in kt.ks],
-               continual[-1]: ["prototypes", *(f"w_hc({k})" for k in (kt.ks[1:] or kt.ks))]}
-    for name, parts in members.items():  # eq. 8 from the members' probabilities already computed
+    for name, parts in _ensemble_members(kt).items():  # eq. 8 from the members' probabilities already computed
         probs[name] = torch.stack([probs[p] for p in parts]).mean(dim=0)
     yield from probs.items()
 
@@ -87,6 +99,7 @@ def evaluate_kt(kt: KTClassifiers, test: dict, *, dataset: str, out_dir: Path, m
     per_class = {n: per_class_accuracy(p, labels, num_classes).tolist() for n, p in predictions.items()}
 
     main, continual = classifier_names(kt)
+    row_labels = table_labels(kt)
     untrained = (kt.backbone_counts == 0).nonzero().flatten().tolist()
     setting = f"Classes {untrained} excluded" if untrained else "Full training"
     tables = {"KT classifiers (paper 1 Table 1 layout)": [TableSection(setting, main)],
@@ -99,13 +112,14 @@ def evaluate_kt(kt: KTClassifiers, test: dict, *, dataset: str, out_dir: Path, m
         notes.append(f"classes {untrained} were withheld from backbone training: the learned classifier's rows "
                      f"for them are untrained, every other classifier uses their prototypes only")
     plot_dir = out_dir / "plots"
-    shown = [main[0], "prototypes", "prototypes + classifier", main[-1], continual[-1]]
+    shown = [main[0], "prototypes", "prototypes + classifier", "ensemble", "continual ensemble"]
     plots = [plot_per_class_accuracy(plot_dir / "per_class_accuracy.png", counts,
                                      {n: per_class[n] for n in shown}, many_threshold, few_threshold),
              plot_group_bars(plot_dir / "group_accuracy.png", results)]
     path = write_report(out_dir, dataset=dataset, groups=groups, results=results, per_class=per_class,
-                        train_counts=counts, tables=tables, notes=notes, plots=plots)
-    printed = "\n\n".join(f"{title}\n{format_table(results, sections)}" for title, sections in tables.items())
+                        train_counts=counts, tables=tables, notes=notes, plots=plots, labels=row_labels)
+    printed = "\n\n".join(f"{title}\n{format_table(results, sections, row_labels)}"
+                          for title, sections in tables.items())
     return path, printed
 
 
