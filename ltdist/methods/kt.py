@@ -128,7 +128,7 @@ def build_kt_classifiers(prototypes: torch.Tensor, weights: torch.Tensor, backbo
 
 def cosine_probabilities(features: torch.Tensor, class_vectors: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(s · f̂ · v̂ᵀ): features [B, F], class_vectors [C, F] → probabilities [B, C]."""
-    logits = cosine_logits(features.float(), class_vectors.float(), torch.tensor(float(scale)))
+    logits = cosine_logits(features.float(), class_vectors.float(), torch.tensor(float(scale), device=features.device))
     return torch.softmax(logits.float(), dim=1)
 
 

@@ -78,22 +78,24 @@ def _scores(kt: KTClassifiers, features: torch.Tensor) -> Iterator[tuple[str, to
     yield from probs.items()
 
 
-def predict(kt: KTClassifiers, features: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Top-1 class ids [N] of every classifier on ``features`` [N, F], scored in chunks."""
+def predict(kt: KTClassifiers, features: torch.Tensor,
+            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Top-1 class ids [N] (CPU) of every classifier on ``features`` [N, F], scored in chunks on ``device``."""
+    kt = KTClassifiers(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kt.state_dict().items()})
     predictions: dict[str, list[torch.Tensor]] = {}
     for start in range(0, features.shape[0], CHUNK):
-        for name, scores in _scores(kt, features[start:start + CHUNK]):
-            predictions.setdefault(name, []).append(scores.argmax(dim=1))
+        for name, scores in _scores(kt, features[start:start + CHUNK].to(device)):
+            predictions.setdefault(name, []).append(scores.argmax(dim=1).cpu())
     return {name: torch.cat(parts) for name, parts in predictions.items()}
 
 
 def evaluate_kt(kt: KTClassifiers, test: dict, *, dataset: str, out_dir: Path, many_threshold: int,
-                few_threshold: int) -> tuple[Path, str]:
+                few_threshold: int, device: torch.device | str = "cpu") -> tuple[Path, str]:
     """Score, write the report files and plots into ``out_dir``; return (report.md path, printed tables)."""
     num_classes = kt.weights.shape[0]
     counts = kt.train_counts.tolist()
     groups = class_groups(counts, many_threshold, few_threshold)
-    predictions = predict(kt, test["features"])
+    predictions = predict(kt, test["features"], device)
     labels = test["labels"]
     results = {n: group_accuracy(p, labels, groups, num_classes) for n, p in predictions.items()}
     per_class = {n: per_class_accuracy(p, labels, num_classes).tolist() for n, p in predictions.items()}
@@ -129,7 +131,7 @@ def run(ctx: StageContext) -> None:
         kt = load_kt_classifiers(ctx.run_dir)
         path, printed = evaluate_kt(kt, load_features(ctx.run_dir, "test"), dataset=cfg.data.name,
                                     out_dir=ctx.run_dir, many_threshold=cfg.evaluate.many_threshold,
-                                    few_threshold=cfg.evaluate.few_threshold)
+                                    few_threshold=cfg.evaluate.few_threshold, device=ctx.dist.device)
         print(f"{printed}\n\nreport: {path}", flush=True)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -37,14 +37,15 @@ def load_kt_classifiers(run_dir: Path) -> KTClassifiers:
 
 
 def make_kt_classifiers(head: torch.nn.Module, train: dict, prototype_source: dict, *, ks: list[int],
-                        tau: float, exclude: object, few_threshold: int,
-                        linear_scale: float) -> KTClassifiers:
+                        tau: float, exclude: object, few_threshold: int, linear_scale: float,
+                        device: torch.device | str = "cpu") -> KTClassifiers:
     """KT classifiers for a trained head, its training counts and prototypes.
 
     Args:
         head: the model's classifier (``CosineClassifier``: weight, scale; ``LinearClassifier``: weight,
             bias — KT then uses its normalised rows and ``linear_scale`` as s).
         train, prototype_source: feature dicts (see :func:`ltdist.stages.extract.load_features`).
+        device: where the attention runs (CUDA: the Triton kernel); the result is on the CPU.
     """
     weights = head.weight.detach().float().cpu()
     num_classes = weights.shape[0]
@@ -56,7 +57,8 @@ def make_kt_classifiers(head: torch.nn.Module, train: dict, prototype_source: di
     backbone_counts = train_counts.clone()
     backbone_counts[excluded] = 0
     prototypes = class_prototypes(prototype_source["features"], prototype_source["labels"], num_classes)
-    w_h, w_hc = build_kt_classifiers(prototypes, weights, backbone_counts, ks, tau)
+    w_h, w_hc = build_kt_classifiers(prototypes.to(device), weights.to(device), backbone_counts.to(device), ks, tau)
+    w_h, w_hc = w_h.cpu(), w_hc.cpu()
     cosine = hasattr(head, "scale")
     bias = None if cosine else head.bias.detach().float().cpu()
     scale = float(head.scale.detach()) if cosine else float(linear_scale)
@@ -80,7 +82,7 @@ def run(ctx: StageContext) -> None:
         kt = make_kt_classifiers(
             head, train, source, ks=list(cfg.method.kt.ks), tau=cfg.method.kt.tau,
             exclude=cfg.data.exclude_from_training, few_threshold=cfg.evaluate.few_threshold,
-            linear_scale=cfg.model.scale_init)
+            linear_scale=cfg.model.scale_init, device=ctx.dist.device)
         path = classifiers_path(ctx.run_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
