@@ -1,0 +1,247 @@
+"""Stage-1 trainer: a DeepSpeed engine over the long-tail data stream, resumable and preemption-safe.
+
+One optimizer step = ``grad_accum`` micro-batches per rank. Every micro-step all-reduces
+[non-finite flag, loss·n, correct, n], so all ranks skip a non-finite step together and the logged loss
+and accuracy are global. Step boundaries are where ranks agree on preemption, save and log.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from ltdist.distributed import DistEnv
+from ltdist.engine import checkpoint as ckpt
+from ltdist.engine import requeue_log
+from ltdist.engine.ds_config import build_deepspeed_config, effective_lr, plan_batches
+from ltdist.engine.metrics import MetricsSink, StepWindow, validate
+from ltdist.engine.numerics import NonFiniteGuard, nonfinite_parameters
+from ltdist.engine.schedule import lr_at
+from ltdist.evaluate.groups import class_groups
+from ltdist.models import LongTailModel, build_model, export_model
+from ltdist.preemption import preemption_agreed, requeue_and_exit
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on BN parameters, biases and the cosine scale (1-d / 0-d tensors)."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    return values
+
+
+class Trainer:
+    """Builds model + DeepSpeed engine from ``cfg``; :meth:`fit` trains, checkpoints and exports.
+
+    ``stream``: per-rank micro-batches (``set_epoch``, ``batches_per_epoch``, iteration, state dicts).
+    ``val_batches``: returns a fresh iterator over the validation split (this rank's share), or None.
+    ``on_batch(step, batch)`` / ``loss_hook(step, loss) -> loss``: observation and fault injection (tests).
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, env: DistEnv, stream, num_classes: int,
+                 train_counts: list[int], val_batches: Callable[[], Iterable] | None,
+                 append_metrics: Callable[[dict], None], on_batch: Callable | None = None,
+                 loss_hook: Callable | None = None, keep_checkpoints: int = 2):
+        self.cfg, self.run_dir, self.env, self.stream = cfg, Path(run_dir), env, stream
+        self.val_batches, self.on_batch, self.loss_hook = val_batches, on_batch, loss_hook
+        self.keep_checkpoints = keep_checkpoints
+        self.ckpt_root = self.run_dir / "checkpoints"
+        t, o = cfg.trainer, cfg.optim
+        self.plan = plan_batches(t.batch_size, env.world_size, t.grad_accum)
+        self.num_classes = num_classes
+        self.groups = class_groups(train_counts, cfg.evaluate.many_threshold, cfg.evaluate.few_threshold)
+        self.dtype = DTYPES[t.precision]
+
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model.arch, num_classes, cfg.data.channels, cfg.model.classifier,
+                            cfg.model.scale_init, cfg.model.learn_scale)
+        self.peak_lr = effective_lr(o.lr, self.plan.global_batch, o.lr_reference_batch, o.lr_scaling)
+        optimizer = torch.optim.SGD(_param_groups(model, o.weight_decay), lr=self.peak_lr, momentum=o.momentum,
+                                    nesterov=o.nesterov)
+        self.ds_config = build_deepspeed_config(self.plan, t.precision, cfg.deepspeed.zero_stage, o.grad_clip,
+                                                dict(cfg.deepspeed.extra))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                 config=self.ds_config, dist_init_required=False)
+        self.steps_per_epoch = stream.batches_per_epoch // self.plan.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the data stream has {stream.batches_per_epoch} micro-batches per epoch, fewer than "
+                             f"trainer.grad_accum={self.plan.grad_accum}: lower trainer.batch_size")
+        total = t.epochs * self.steps_per_epoch
+        self.total_steps = min(total, t.max_steps) if t.max_steps > 0 else total
+        self.warmup_steps = round(o.warmup_epochs * self.steps_per_epoch)
+        self.guard = NonFiniteGuard(t.max_nonfinite_steps)
+        self.sink = MetricsSink(append_metrics, self.run_dir / "tensorboard", env.is_main)
+        self.step = self.epoch = self.consumed_in_epoch = 0
+        self.micro_in_window = 0
+        self._stream_state: dict | None = None
+        self._last_saved_step = -1
+
+    @property
+    def model(self) -> LongTailModel:
+        return self.engine.module
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        found = ckpt.latest_verified(self.ckpt_root)
+        if found is None:
+            return
+        directory, _ = found
+        client, mine = ckpt.load_checkpoint(self.engine, directory, self.env.rank)
+        self.step, self.epoch, self.consumed_in_epoch = client["step"], client["epoch"], client["consumed_in_epoch"]
+        self.guard.load_state_dict(client["guard"])
+        self._stream_state = mine["stream"]
+        ckpt.set_rng_state(mine["rng"])
+        self._last_saved_step = self.step
+        log.info("rank %d: resumed from %s (step %d, epoch %d, batch %d of the epoch)", self.env.rank,
+                 directory, self.step, self.epoch, self.consumed_in_epoch)
+
+    def save(self) -> None:
+        """Save on all ranks (collective); refuses to write non-finite weights."""
+        bad = nonfinite_parameters(self.model)
+        if _all_reduce_sum(torch.tensor([float(len(bad))])).item() > 0:
+            raise RuntimeError(f"refusing to checkpoint step {self.step}: non-finite values in {bad[:5] or 'other ranks'}")
+        client = {"step": self.step, "epoch": self.epoch, "consumed_in_epoch": self.consumed_in_epoch,
+                  "guard": self.guard.state_dict()}
+        mine = {"stream": self.stream.state_dict() if self.consumed_in_epoch else None, "rng": ckpt.rng_state()}
+        ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, mine, self.env.rank,
+                             self.keep_checkpoints)
+        self._last_saved_step = self.step
+
+    def _preempt(self, started_as_requeue: bool, start_step: int) -> None:
+        requeue_log.check_progress(started_as_requeue, start_step, self.step)
+        if self.step != self._last_saved_step and self.step > start_step:
+            self.save()
+        if self.env.is_main:
+            requeue_log.append_event(self.ckpt_root, "preempted", self.step)
+        self.sink.write({"stage": "train", "event": "preempted", "step": self.step}, self.step)
+        requeue_and_exit(self.env.rank)
+
+    # ---- one micro-step ----------------------------------------------------------------------------
+    def _micro_step(self, batch, window: StepWindow) -> None:
+        if self.on_batch is not None:
+            self.on_batch(self.step, batch)
+        device = self.env.device
+        images = batch.images.to(device, self.dtype, non_blocking=True)
+        labels = batch.labels.to(device, non_blocking=True)
+        logits = self.engine(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        if self.loss_hook is not None:
+            loss = self.loss_hook(self.step, loss)
+        finite = bool(torch.isfinite(loss))
+        correct = (logits.detach().argmax(1) == labels).sum().float()
+        stats = torch.stack([torch.tensor(0.0 if finite else 1.0, device=device),
+                             loss.detach() * labels.numel() if finite else torch.zeros((), device=device),
+                             correct, torch.tensor(float(labels.numel()), device=device)]).cpu()
+        stats = _all_reduce_sum(stats)
+        agreed_finite = stats[0].item() == 0
+        self.guard.record(agreed_finite, self.step)
+        if not agreed_finite:  # every rank skips this micro-step: no backward, the engine never sees it
+            return
+        window.add(stats[1].item(), stats[2].item(), stats[3].item())
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step, self.peak_lr, self.total_steps, self.warmup_steps,
+                                    self.cfg.optim.schedule)
+        self.engine.backward(loss)
+        self.engine.step()
+        self.micro_in_window = 0 if boundary else self.micro_in_window + 1
+        if boundary:
+            self.step += 1
+
+    def _log_step(self, window: StepWindow) -> None:
+        scale = getattr(self.model.classifier, "scale", None)
+        record = {"stage": "train", "step": self.step, "epoch": self.epoch,
+                  "lr": self.optimizer.param_groups[0]["lr"], **window.summary(),
+                  "scale": float(scale.detach()) if scale is not None else None, "skipped_steps": self.guard.skipped}
+        self.sink.write(record, self.step)
+        window.reset()
+
+    def _validate(self) -> None:
+        if self.val_batches is None:
+            return
+        accuracy = validate(self.model, self.val_batches(), self.groups, self.num_classes, self.env.device,
+                            self.dtype)
+        self.sink.write({"stage": "train", "event": "val", "step": self.step, "epoch": self.epoch,
+                         **{f"val_{k}": v for k, v in accuracy.items()}}, self.step)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> LongTailModel:
+        """Resume from the newest verified checkpoint, train to the end, export ``weights/final.pt``."""
+        self._resume()
+        start_step = self.step
+        started_as_requeue = requeue_log.is_requeue(requeue_log.read_events(self.ckpt_root))
+        ckpt.barrier()  # everyone has read the log before rank 0 appends to it
+        if self.env.is_main:
+            requeue_log.append_event(self.ckpt_root, "start", self.step)
+            self.sink.write({"stage": "train", "event": "config", "global_batch": self.plan.global_batch,
+                             "micro_batch": self.plan.micro_batch, "world_size": self.plan.world_size,
+                             "grad_accum": self.plan.grad_accum, "base_lr": self.cfg.optim.lr,
+                             "lr_scaling": self.cfg.optim.lr_scaling, "lr_reference_batch":
+                             self.cfg.optim.lr_reference_batch, "effective_lr": self.peak_lr,
+                             "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                             "zero_stage": self.cfg.deepspeed.zero_stage, "precision": self.cfg.trainer.precision,
+                             "resumed_from_step": self.step}, self.step)
+        interactive = self.cfg.trainer.progress and self.env.is_main and sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not interactive, desc="train")
+        window = StepWindow()
+        epoch_micro = self.steps_per_epoch * self.plan.grad_accum
+        while self.step < self.total_steps and self.epoch < self.cfg.trainer.epochs:
+            self.stream.set_epoch(self.epoch)
+            if self._stream_state is not None:
+                self.stream.load_state_dict(self._stream_state)
+                self._stream_state = None
+            batches = iter(self.stream)
+            while self.step < self.total_steps:
+                at_boundary = self.micro_in_window == 0
+                if at_boundary and preemption_agreed():
+                    self._preempt(started_as_requeue, start_step)
+                if at_boundary and self.consumed_in_epoch >= epoch_micro:
+                    break
+                waited = time.perf_counter()
+                batch = next(batches, None)
+                window.data_wait_s += time.perf_counter() - waited
+                if batch is None:
+                    break
+                self.consumed_in_epoch += 1
+                before = self.step
+                self._micro_step(batch, window)
+                if self.step == before:
+                    continue
+                bar.update(1)
+                if self.step % self.cfg.trainer.log_every == 0:
+                    self._log_step(window)
+                if self.step % self.cfg.trainer.checkpoint_every == 0:
+                    self.save()
+            if self.consumed_in_epoch >= epoch_micro or self.step < self.total_steps:
+                self.epoch, self.consumed_in_epoch = self.epoch + 1, 0  # a full pass (or the stream ran dry)
+                self._validate()
+                if self.micro_in_window == 0 and self.step != self._last_saved_step:
+                    self.save()
+        bar.close()
+        if self.step != self._last_saved_step:
+            self.save()
+        if self.env.is_main:
+            export_model(self.model, self.run_dir / "weights" / "final.pt")
+        ckpt.barrier()
+        self.sink.close()
+        return self.model
