@@ -1,0 +1,56 @@
+"""Long-tail subsampling of a balanced training set (Fashion-MNIST-LT, CIFAR-LT)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def profile_counts(n_max: int, num_classes: int, imbalance: float, profile: str = "exp") -> list[int]:
+    """Per-class counts n_0 >= ... >= n_{C-1}, with n_0 = n_max and n_0 / n_{C-1} = ``imbalance``.
+
+    exp:    n_i = int(n_max · IF^(−i/(C−1)))            (the standard CIFAR-LT construction)
+    pareto: n_i = int(n_max · (i+1)^(−a)), a = ln IF / ln C  (a power law with the same end points)
+    """
+    if imbalance < 1:
+        raise ValueError(f"imbalance factor must be >= 1, got {imbalance}")
+    if num_classes < 2:
+        return [n_max] * num_classes
+    # The epsilon keeps exact products (6000 · 1000^(−1/3) = 600) from flooring to 599.
+    if profile == "exp":
+        raw = [n_max * imbalance ** (-i / (num_classes - 1)) for i in range(num_classes)]
+    elif profile == "pareto":
+        a = math.log(imbalance) / math.log(num_classes)
+        raw = [n_max * (i + 1) ** (-a) for i in range(num_classes)]
+    else:
+        raise ValueError(f"unknown long-tail profile {profile!r} (exp | pareto)")
+    return [max(1, int(x + 1e-9)) for x in raw]
+
+
+def long_tail_split(
+    labels: np.ndarray, counts: list[int], val_per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded choice of ``counts[j]`` train indices per class and a val split from the rest.
+
+    Val takes ``val_per_class`` images per class from the images the profile left out; a class whose
+    train count uses (nearly) all of its images gets fewer val images, with a warning naming it.
+    Returns (train indices, val indices) into ``labels``.
+    """
+    rng = np.random.default_rng(seed)
+    train, val, short = [], [], []
+    for j, n in enumerate(counts):
+        idx = rng.permutation(np.flatnonzero(labels == j))
+        if n > len(idx):
+            raise ValueError(f"class {j}: profile asks for {n} images, source has {len(idx)}")
+        train.append(idx[:n])
+        val.append(idx[n:n + val_per_class])
+        if len(val[-1]) < val_per_class:
+            short.append((j, len(val[-1])))
+    if short:
+        log.warning("val split: classes with fewer than %d held-out images (class, got): %s",
+                    val_per_class, short)
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))

@@ -1,0 +1,103 @@
+"""The static plan of a training stream: which shards a (rank, worker) slot reads in an epoch and
+how many batches it owes. Every rank computes the same plan from index.json alone, which is what
+makes the batch count identical on every rank without any communication."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ltdist.data.index import LongTailIndex
+from ltdist.data.sampling import repeat_factors, warn_empty_classes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything a loader worker needs (picklable, no open files)."""
+
+    shard_paths: tuple[str, ...]
+    shard_samples: tuple[int, ...]
+    num_classes: int
+    factors: tuple[float, ...]  # per-class repeat factor r_j
+    batch_size: int
+    rank: int
+    world_size: int
+    num_workers: int  # logical workers per rank (>= 1; DataLoader processes when > 1 requested)
+    seed: int
+    image_size: int
+    channels: int
+    shuffle_buffer: int
+    batches_per_epoch: int
+    samples_per_epoch: int  # N: expected emissions per epoch over all ranks (= Σ active n_j)
+
+    @property
+    def slots(self) -> int:
+        return self.world_size * self.num_workers
+
+    def slot_shards(self, epoch: int, worker: int) -> list[int]:
+        """Shard ids of (self.rank, worker) in epoch ``epoch``: a seeded shuffle of all shards, then a
+        greedy assignment to the least-loaded slot (by samples) so uneven shards still balance."""
+        order = list(range(len(self.shard_paths)))
+        random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
+        loads = [0] * self.slots
+        owned: list[list[int]] = [[] for _ in range(self.slots)]
+        for i in order:
+            slot = loads.index(min(loads))
+            owned[slot].append(i)
+            loads[slot] += self.shard_samples[i]
+        return owned[self.rank * self.num_workers + worker]
+
+    def worker_batches(self, worker: int, start_batch: int = 0) -> tuple[int, int]:
+        """(batches worker owes this epoch, of which already done when the rank has done ``start_batch``):
+        batch t of a rank comes from worker t % num_workers."""
+        return (len(range(worker, self.batches_per_epoch, self.num_workers)),
+                len(range(worker, start_batch, self.num_workers)))
+
+    def buffer_size(self, worker: int) -> int:
+        """The shuffle buffer, capped at a quarter of what the worker emits per epoch: whatever sits in
+        the buffer at epoch end is read but never emitted."""
+        quota = self.worker_batches(worker)[0] * self.batch_size
+        return max(1, min(self.shuffle_buffer, max(self.batch_size, quota // 4)))
+
+
+def make_plan(
+    index: LongTailIndex, *, batch_size: int, rank: int, world_size: int, num_workers: int, sampling_power: float,
+    seed: int, image_size: int, channels: int, shuffle_buffer: int, exclude_classes: Sequence[int] = (),
+) -> StreamPlan:
+    """Validate the request against the index and build the plan (clear errors for what cannot work)."""
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
+        raise ValueError(f"bad stream geometry: batch_size={batch_size} rank={rank} world_size={world_size} "
+                         f"num_workers={num_workers}")
+    bad = [c for c in exclude_classes if not 0 <= c < index.num_classes]
+    if bad:
+        raise ValueError(f"exclude_classes {bad} out of range [0, {index.num_classes})")
+    shards = index.split_shards("train")
+    missing = [p for p in index.missing_files() if p.name.startswith("train-")]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} train shards missing or of the wrong size: "
+                                + ", ".join(str(p) for p in missing))
+    workers = max(1, num_workers)
+    if len(shards) < world_size * workers:
+        raise ValueError(f"{len(shards)} train shards in {index.root} but ranks × workers = {world_size} × "
+                         f"{workers} = {world_size * workers}; rebuild with a smaller --shard-size or use fewer "
+                         "workers")
+    counts = index.train_counts
+    warn_empty_classes(counts, index.classes)
+    factors = repeat_factors(counts, sampling_power, exclude_classes)
+    total = sum(n for n, r in zip(counts, factors) if r > 0)
+    per_rank = total // (world_size * batch_size)
+    if per_rank < 1:
+        raise ValueError(f"{total} training samples cannot fill one batch of {batch_size} on each of "
+                         f"{world_size} ranks")
+    return StreamPlan(
+        shard_paths=tuple(str(Path(index.root) / s.file) for s in shards),
+        shard_samples=tuple(s.samples for s in shards), num_classes=index.num_classes,
+        factors=tuple(float(r) for r in factors), batch_size=batch_size, rank=rank, world_size=world_size,
+        num_workers=workers, seed=seed, image_size=image_size, channels=channels, shuffle_buffer=shuffle_buffer,
+        batches_per_epoch=per_rank, samples_per_epoch=total,
+    )

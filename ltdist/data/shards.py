@@ -1,0 +1,104 @@
+"""``python -m ltdist.data.shards FORMAT --src ... --out DIR``: raw dataset -> webdataset shards + index.json.
+
+Formats: fashion-mnist, imagefolder, list (ImageNet-LT / Places-LT), inat2018, cifar. See
+``--help`` for the options; DESIGN.md "Data flow" for where the shards go next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ltdist.data.formats import cifar, fashion_mnist, imagefolder, inat2018, listfile
+from ltdist.data.writer import SourceSample, write_shards
+
+FORMATS = ("fashion-mnist", "imagefolder", "list", "inat2018", "cifar")
+
+
+def load_source(
+    fmt: str, src: str, *, profile: str = "exp", imbalance: float = 1000.0, val_per_class: int = 20,
+    seed: int = 0, split_files: dict[str, str] | None = None,
+) -> tuple[list[str], dict[str, list[SourceSample]]]:
+    """Class names and per-split samples of a raw dataset in format ``fmt``."""
+    if fmt == "fashion-mnist":
+        return fashion_mnist.load(src, profile=profile, imbalance=imbalance, val_per_class=val_per_class,
+                                  seed=seed)
+    if fmt == "cifar":
+        return cifar.load(src, profile=profile, imbalance=imbalance, val_per_class=val_per_class, seed=seed)
+    if fmt == "imagefolder":
+        return imagefolder.load(src)
+    if fmt == "list":
+        return listfile.load(src, split_files or {})
+    if fmt == "inat2018":
+        return inat2018.load(src, split_files or {})
+    raise ValueError(f"unknown shard format {fmt!r}; one of {', '.join(FORMATS)}")
+
+
+def build_shards(
+    fmt: str, src: str, out: Path, *, profile: str = "exp", imbalance: float = 1000.0, val_per_class: int = 20,
+    seed: int = 0, split_files: dict[str, str] | None = None, shard_size: int = 1000, workers: int = 1,
+    resize_short: int = 0, progress: bool = True,
+) -> Path:
+    """Convert a raw dataset into ``out/{split}-*.tar`` + ``out/index.json``; return the index path."""
+    classes, splits = load_source(fmt, src, profile=profile, imbalance=imbalance, val_per_class=val_per_class,
+                                  seed=seed, split_files=split_files)
+    build = {"format": fmt, "src": src, "seed": seed, "shard_size": shard_size, "resize_short": resize_short}
+    if fmt in ("fashion-mnist", "cifar"):
+        build.update(profile=profile, imbalance=imbalance, val_per_class=val_per_class)
+    return write_shards(out, classes, splits, shard_size=shard_size, workers=workers,
+                        resize_short=resize_short, seed=seed, build=build, progress=progress)
+
+
+def _split_file(text: str) -> tuple[str, str]:
+    split, sep, path = text.partition("=")
+    if not sep or split not in ("train", "val", "test"):
+        raise argparse.ArgumentTypeError(f"expected SPLIT=PATH with SPLIT in train|val|test, got {text!r}")
+    return split, path
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ltdist shards", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("format", choices=FORMATS)
+    p.add_argument("--src", default="", help="raw data directory / image root (fashion-mnist: the Debian "
+                   f"package's {fashion_mnist.DEFAULT_SRC})")
+    p.add_argument("--out", required=True, type=Path, help="output directory for shards and index.json")
+    p.add_argument("--split-file", action="append", type=_split_file, default=[], metavar="SPLIT=PATH",
+                   help="list / inat2018: the list file or json of a split (repeat for train, val, test)")
+    p.add_argument("--profile", default="exp", choices=("exp", "pareto"),
+                   help="long-tail profile (fashion-mnist, cifar)")
+    p.add_argument("--imbalance", type=float, default=None,
+                   help="imbalance factor n_max/n_min (default 1000 for fashion-mnist, 100 for cifar)")
+    p.add_argument("--val-per-class", type=int, default=20, help="val images per class from left-out train images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the long-tail choice and the shard shuffle")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--workers", type=int, default=1, help="parallel shard-writer processes")
+    p.add_argument("--resize-short", type=int, default=0,
+                   help="pre-resize so the short side is this many px (0 = keep); smaller images keep their bytes")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    imbalance = args.imbalance if args.imbalance is not None else (100.0 if args.format == "cifar" else 1000.0)
+    if args.format in ("list", "inat2018") and not args.split_file:
+        print(f"ltdist shards {args.format}: needs --split-file train=PATH", file=sys.stderr)
+        return 2
+    try:
+        path = build_shards(args.format, args.src, args.out, profile=args.profile, imbalance=imbalance,
+                            val_per_class=args.val_per_class, seed=args.seed, split_files=dict(args.split_file),
+                            shard_size=args.shard_size, workers=args.workers, resize_short=args.resize_short,
+                            progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ltdist shards: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

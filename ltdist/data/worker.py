@@ -1,0 +1,108 @@
+"""One logical loader worker of the training stream: its shards -> resampler -> shuffle buffer ->
+decode + augment -> batches, deterministic from (seed, epoch, rank, worker).
+
+Samples stay undecoded (bytes) until they leave the shuffle buffer. That is what makes exact
+mid-epoch resumption cheap: resuming at buffer position ``pos`` replays reading, resampling and
+buffering (no decoding) and then continues with the same per-position augmentation seeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ltdist.data.plan import StreamPlan
+from ltdist.data.sampling import draw_repeats
+from ltdist.data.tario import CORRUPT_IMAGE, RawSample, read_shard
+from ltdist.data.transforms import TrainTransform
+
+Payload = dict  # what a worker sends to the main process for one batch (see WorkerStream.batches)
+
+
+class WorkerStream:
+    """The batches of logical worker ``worker`` of ``plan.rank`` in ``epoch``.
+
+    ``start_pos`` / ``start_batch``: samples already taken from the shuffle buffer and batches already
+    delivered by this worker (resumption); ``decode_skips`` the corrupt-image counts up to there
+    (those happen after the buffer, so replaying the prefix without decoding does not recount them).
+    """
+
+    def __init__(self, plan: StreamPlan, epoch: int, worker: int, start_pos: int = 0, start_batch: int = 0,
+                 decode_skips: Counter | None = None, decode: bool = True):
+        self.plan, self.epoch, self.worker, self.decode = plan, epoch, worker, decode
+        self.start_pos, self.start_batch = start_pos, start_batch
+        self.skips: Counter = Counter()  # (shard file, reason) -> count, cumulative over the epoch
+        self.skips.update(decode_skips or {})
+        self.read = 0  # samples accounted by the reader (valid + skipped before the buffer)
+        self.decoded = 0  # decode attempts after the buffer
+        self.tag = f"{plan.seed}/{epoch}/{plan.rank}/{worker}"
+        self.transform = TrainTransform(plan.image_size, plan.channels)
+
+    def _raw(self) -> Iterator[RawSample]:
+        """This worker's shards, over and over (passes after the first in a fresh seeded order)."""
+        own = self.plan.slot_shards(self.epoch, self.worker)
+        reasons: Counter = Counter()
+        for pass_ in itertools.count():
+            order = list(own)
+            if pass_:
+                random.Random(f"pass/{self.tag}/{pass_}").shuffle(order)
+            valid = 0
+            for i in order:
+                before = reasons.total()
+                path = Path(self.plan.shard_paths[i])
+                for sample in read_shard(path, self.plan.shard_samples[i], self.plan.num_classes, reasons, self.skips):
+                    valid += 1
+                    self.read += 1
+                    yield sample
+                self.read += reasons.total() - before
+            if valid == 0:
+                names = ", ".join(Path(self.plan.shard_paths[i]) for i in own)
+                raise RuntimeError(f"rank {self.plan.rank} worker {self.worker}: no readable sample in {names}")
+
+    def _shuffled(self) -> Iterator[RawSample]:
+        """Resample (repeat factors) and shuffle through a buffer; one rng, no decoding: replayable."""
+        rng = random.Random(f"stream/{self.tag}")
+        size = self.plan.buffer_size(self.worker)
+        buffer: list[RawSample] = []
+        for sample in self._raw():
+            for _ in range(draw_repeats(self.plan.factors[sample.label], rng)):
+                if len(buffer) < size:
+                    buffer.append(sample)
+                    continue
+                i = rng.randrange(size)
+                yield buffer[i]
+                buffer[i] = sample
+
+    def batches(self) -> Iterator[Payload]:
+        """Yield this worker's remaining batches as payload dicts (uint8 images [B, H, W, C])."""
+        quota, _ = self.plan.worker_batches(self.worker)
+        stream = self._shuffled()
+        for _ in range(self.start_pos):
+            next(stream)
+        pos, b = self.start_pos, self.plan.batch_size
+        for _ in range(self.start_batch, quota):
+            images, labels, keys = [], [], []
+            while len(labels) < b:
+                sample = next(stream)
+                pos += 1
+                if self.decode:
+                    self.decoded += 1
+                    try:
+                        images.append(self.transform(sample.image, random.Random(f"aug/{self.tag}/{pos}")))
+                    except Exception:  # any decoder failure is a corrupt image; the stream must go on
+                        self.skips[(sample.shard, CORRUPT_IMAGE)] += 1
+                        continue
+                labels.append(sample.label)
+                keys.append(sample.key)
+            yield {
+                "images": torch.from_numpy(np.stack(images)) if images else None,
+                "labels": torch.tensor(labels, dtype=torch.long), "keys": keys, "worker": self.worker,
+                "pos": pos, "read": self.read, "decoded": self.decoded,
+                "skips": [[shard, reason, n] for (shard, reason), n in sorted(self.skips.items())],
+            }
