@@ -8,15 +8,18 @@ from ltdist.kernels._dispatch import use_triton
 
 
 def cosine_logits_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Eager PyTorch oracle. x [B,F], w [N,F], scale 0-d → logits [B,N] in x's dtype (fp32 math)."""
-    logits = scale.float() * (F.normalize(x.float(), dim=1) @ F.normalize(w.float(), dim=1).T)
+    """Eager PyTorch oracle. x [B,F], w [N,F], scale 0-d → logits [B,N] in x's dtype (math in fp32,
+    or fp64 for fp64 inputs so that gradcheck applies)."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    logits = scale.to(dt) * (F.normalize(x.to(dt), dim=1) @ F.normalize(w.to(dt), dim=1).T)
     return logits.to(x.dtype)
 
 
 def cosine_cross_entropy_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                                    labels: torch.Tensor) -> torch.Tensor:
-    """Eager oracle of the mean cross-entropy of the cosine logits; fp32 scalar."""
-    return F.cross_entropy(cosine_logits_reference(x, w, scale).float(), labels)
+    """Eager oracle of the mean cross-entropy of the cosine logits; fp32 (fp64 for fp64 x) scalar."""
+    logits = cosine_logits_reference(x, w, scale)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> None:

@@ -1,0 +1,52 @@
+"""Triton prototype EMA: one program per class present in the batch walks that class's samples in
+batch order (c ← m c + (1−m) z, exactly the sequential update), then re-normalises the row.
+Deterministic: every output row is owned by one program, no atomics."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from ltdist.kernels._triton_matmul import EPS, INTERPRET
+from ltdist.kernels.prototype_ema import check_ema_inputs
+
+
+@triton.jit
+def _ema_kernel(out_ptr, feats_ptr, classes_ptr, starts_ptr, counts_ptr, order_ptr, F, m,
+                BLOCK_F: tl.constexpr):
+    cls = tl.load(classes_ptr + tl.program_id(0)).to(tl.int64)
+    start = tl.load(starts_ptr + cls)
+    n = tl.load(counts_ptr + cls)
+    cols = tl.arange(0, BLOCK_F)
+    row = out_ptr + cls * F
+    sumsq = tl.zeros((BLOCK_F,), tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        mask = f0 + cols < F
+        c = tl.load(row + f0 + cols, mask=mask, other=0.0)
+        for r in range(0, n):
+            sample = tl.load(order_ptr + start + r).to(tl.int64)
+            z = tl.load(feats_ptr + sample * F + f0 + cols, mask=mask, other=0.0).to(tl.float32)
+            c = m * c + (1.0 - m) * z
+        tl.store(row + f0 + cols, c, mask=mask)
+        sumsq += c * c
+    inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(sumsq, axis=0)), EPS)
+    for f0 in range(0, F, BLOCK_F):
+        mask = f0 + cols < F
+        tl.store(row + f0 + cols, tl.load(row + f0 + cols, mask=mask) * inv, mask=mask)
+
+
+def prototype_ema_triton(protos: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor, m: float) -> torch.Tensor:
+    """Same contract as :func:`ltdist.kernels.prototype_ema.prototype_ema_reference`."""
+    check_ema_inputs(protos, feats, labels, m)
+    out = protos.float().contiguous().clone()
+    if labels.numel() == 0:
+        return out.to(protos.dtype)
+    order = torch.sort(labels, stable=True).indices
+    counts = torch.bincount(labels, minlength=protos.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    classes = torch.nonzero(counts).flatten()
+    F_ = protos.shape[1]
+    block = 16 if INTERPRET else min(1024, triton.next_power_of_2(F_))
+    _ema_kernel[(classes.numel(),)](out, feats.contiguous(), classes, starts, counts, order, F_, float(m),
+                                    BLOCK_F=block)
+    return out.to(protos.dtype)
