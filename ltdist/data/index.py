@@ -18,13 +18,15 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One tar shard: ``file`` is relative to the index directory."""
+    """One tar shard: ``file`` is relative to the index directory; ``class_counts`` maps a class id
+    (as a string, JSON keys) to its samples in this shard (classes absent from the shard omitted)."""
 
     file: str
     samples: int
     bytes: int
     sha256: str
     keys_sha256: str
+    class_counts: dict[str, int]
 
 
 @dataclass

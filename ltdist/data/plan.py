@@ -22,6 +22,7 @@ class StreamPlan:
 
     shard_paths: tuple[str, ...]
     shard_samples: tuple[int, ...]
+    shard_emissions: tuple[float, ...]  # expected emitted samples per pass: Σ_j n_{shard,j} · r_j
     num_classes: int
     factors: tuple[float, ...]  # per-class repeat factor r_j
     batch_size: int
@@ -40,29 +41,29 @@ class StreamPlan:
         return self.world_size * self.num_workers
 
     def slot_shards(self, epoch: int, worker: int) -> list[int]:
-        """Shard ids of (self.rank, worker) in epoch ``epoch``: a seeded shuffle of all shards, then a
-        greedy assignment to the least-loaded slot (by samples) so uneven shards still balance."""
+        """Shard ids of (self.rank, worker) in epoch ``epoch``, in reading order.
+
+        Shards are dealt largest expected emission first to the least-loaded slot (ties broken by a
+        seeded per-epoch shuffle) and read in that shuffled order. Balancing expected *emissions*, not
+        samples, matters: a slot holding tail samples with large repeat factors would otherwise be
+        truncated more often than the others and under-emit exactly those classes.
+        """
         order = list(range(len(self.shard_paths)))
         random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
-        loads = [0] * self.slots
+        rank_in_order = {shard: k for k, shard in enumerate(order)}
+        loads = [0.0] * self.slots
         owned: list[list[int]] = [[] for _ in range(self.slots)]
-        for i in order:
+        for i in sorted(order, key=lambda s: -self.shard_emissions[s]):
             slot = loads.index(min(loads))
             owned[slot].append(i)
-            loads[slot] += self.shard_samples[i]
-        return owned[self.rank * self.num_workers + worker]
+            loads[slot] += self.shard_emissions[i]
+        return sorted(owned[self.rank * self.num_workers + worker], key=rank_in_order.__getitem__)
 
     def worker_batches(self, worker: int, start_batch: int = 0) -> tuple[int, int]:
         """(batches worker owes this epoch, of which already done when the rank has done ``start_batch``):
         batch t of a rank comes from worker t % num_workers."""
         return (len(range(worker, self.batches_per_epoch, self.num_workers)),
                 len(range(worker, start_batch, self.num_workers)))
-
-    def buffer_size(self, worker: int) -> int:
-        """The shuffle buffer, capped at a quarter of what the worker emits per epoch: whatever sits in
-        the buffer at epoch end is read but never emitted."""
-        quota = self.worker_batches(worker)[0] * self.batch_size
-        return max(1, min(self.shuffle_buffer, max(self.batch_size, quota // 4)))
 
 
 def make_plan(
@@ -96,7 +97,9 @@ def make_plan(
                          f"{world_size} ranks")
     return StreamPlan(
         shard_paths=tuple(str(Path(index.root) / s.file) for s in shards),
-        shard_samples=tuple(s.samples for s in shards), num_classes=index.num_classes,
+        shard_samples=tuple(s.samples for s in shards),
+        shard_emissions=tuple(sum(n * factors[int(j)] for j, n in s.class_counts.items()) for s in shards),
+        num_classes=index.num_classes,
         factors=tuple(float(r) for r in factors), batch_size=batch_size, rank=rank, world_size=world_size,
         num_workers=workers, seed=seed, image_size=image_size, channels=channels, shuffle_buffer=shuffle_buffer,
         batches_per_epoch=per_rank, samples_per_epoch=total,

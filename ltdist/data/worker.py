@@ -39,45 +39,49 @@ class WorkerStream:
         self.start_pos, self.start_batch = start_pos, start_batch
         self.skips: Counter = Counter()  # (shard file, reason) -> count, cumulative over the epoch
         self.skips.update(decode_skips or {})
+        self._reasons: Counter = Counter()  # reason -> count of what the reader skipped
         self.read = 0  # samples accounted by the reader (valid + skipped before the buffer)
         self.decoded = 0  # decode attempts after the buffer
         self.tag = f"{plan.seed}/{epoch}/{plan.rank}/{worker}"
         self.transform = TrainTransform(plan.image_size, plan.channels)
 
-    def _raw(self) -> Iterator[RawSample]:
-        """This worker's shards, over and over (passes after the first in a fresh seeded order)."""
-        own = self.plan.slot_shards(self.epoch, self.worker)
-        reasons: Counter = Counter()
-        for pass_ in itertools.count():
-            order = list(own)
-            if pass_:
-                random.Random(f"pass/{self.tag}/{pass_}").shuffle(order)
-            valid = 0
-            for i in order:
-                before = reasons.total()
-                path = Path(self.plan.shard_paths[i])
-                for sample in read_shard(path, self.plan.shard_samples[i], self.plan.num_classes, reasons, self.skips):
-                    valid += 1
-                    self.read += 1
-                    yield sample
-                self.read += reasons.total() - before
-            if valid == 0:
-                names = ", ".join(Path(self.plan.shard_paths[i]) for i in own)
-                raise RuntimeError(f"rank {self.plan.rank} worker {self.worker}: no readable sample in {names}")
+    def _read_pass(self, pass_: int) -> Iterator[RawSample]:
+        """One pass over this worker's shards (passes after the first in a fresh seeded order)."""
+        order = self.plan.slot_shards(self.epoch, self.worker)
+        if pass_:
+            random.Random(f"pass/{self.tag}/{pass_}").shuffle(order)
+        valid = 0
+        for i in order:
+            before = self._reasons.total()
+            path = Path(self.plan.shard_paths[i])
+            for sample in read_shard(path, self.plan.shard_samples[i], self.plan.num_classes, self._reasons,
+                                     self.skips):
+                valid += 1
+                self.read += 1
+                yield sample
+            self.read += self._reasons.total() - before
+        if valid == 0:
+            names = ", ".join(self.plan.shard_paths[i] for i in order)
+            raise RuntimeError(f"rank {self.plan.rank} worker {self.worker}: no readable sample in {names}")
 
     def _shuffled(self) -> Iterator[RawSample]:
-        """Resample (repeat factors) and shuffle through a buffer; one rng, no decoding: replayable."""
+        """Passes over the shards, each resampled (repeat factors), shuffled through the buffer and
+        drained at its end, so a pass is emitted whole and the epoch cut only trims the last pass.
+        One rng and no decoding: replayable."""
         rng = random.Random(f"stream/{self.tag}")
-        size = self.plan.buffer_size(self.worker)
-        buffer: list[RawSample] = []
-        for sample in self._raw():
-            for _ in range(draw_repeats(self.plan.factors[sample.label], rng)):
-                if len(buffer) < size:
-                    buffer.append(sample)
-                    continue
-                i = rng.randrange(size)
-                yield buffer[i]
-                buffer[i] = sample
+        size = max(1, self.plan.shuffle_buffer)
+        for pass_ in itertools.count():
+            buffer: list[RawSample] = []
+            for sample in self._read_pass(pass_):
+                for _ in range(draw_repeats(self.plan.factors[sample.label], rng)):
+                    if len(buffer) < size:
+                        buffer.append(sample)
+                        continue
+                    i = rng.randrange(size)
+                    yield buffer[i]
+                    buffer[i] = sample
+            rng.shuffle(buffer)
+            yield from buffer
 
     def batches(self) -> Iterator[Payload]:
         """Yield this worker's remaining batches as payload dicts (uint8 images [B, H, W, C])."""

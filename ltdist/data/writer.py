@@ -86,8 +86,9 @@ def _write_shard(args: tuple[Path, list[SourceSample], int]) -> ShardInfo:
         for s in samples:
             data, ext = _load(s, resize_short)
             sink.write({"__key__": s.key, ext: data, "cls": str(s.label).encode()})
+    labels, counts = np.unique([s.label for s in samples], return_counts=True)
     return ShardInfo(path.name, len(samples), path.stat().st_size, file_sha256(path),
-                     keys_digest([s.key for s in samples]))
+                     keys_digest([s.key for s in samples]), {str(j): int(n) for j, n in zip(labels, counts)})
 
 
 def write_shards(
