@@ -101,3 +101,13 @@ def test_cli_dispatches_launch_and_rejects_unknown(capsys):
     assert "lr: 0.3" in capsys.readouterr().out
     assert cli_main(["frobnicate"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+@pytest.mark.slurm
+def test_slurm_wait_reports_a_failing_job(local_slurm_cluster, tmp_path):
+    # `evaluate` in an empty run directory has nothing to evaluate: the job fails on its ranks.
+    root = tmp_path / "runs"
+    result = launch(["--cluster", "slurm", "stages=[evaluate]", "launch.time_min=5", f"output.root={root}", "--wait"],
+                    cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "failed" in result.stderr
