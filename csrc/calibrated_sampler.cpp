@@ -2,6 +2,7 @@
 // and the CUDA binding when built with LTDIST_WITH_CUDA. Layout and maths: calibrated_sampler.h.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <vector>
@@ -46,43 +47,32 @@ void check_inputs(const at::Tensor& bank, const at::Tensor& offsets, const at::T
                 t->scalar_type());
 }
 
-// Adds coef · (Z_cᵀ E_r − ĉ_c Σ_i E_r[i]) to out_r for every draw r of one source.
-// E_r[i] = normal(key_r, base + i). Rows outer, draws inner: each bank row is read once per source.
-void add_class_term(const SamplerArgs& a, int64_t cls, float coef, uint64_t base, const uint64_t* keys,
-                    float* out, std::vector<float>& eps, std::vector<float>& sums) {
+// Adds coef · (Z_cᵀ E_r − ĉ_c Σ_i E_r[i]) to out_r for every draw r of one source, as one GEMM
+// out[R,d] += E[R,n] · Z_c[n,d] (single-threaded BLAS inside the parallel loop over sources).
+// E_r[i] = normal(key_r, base + i).
+void add_class_term(const SamplerArgs& a, const at::Tensor& bank, int64_t cls, float coef, uint64_t base,
+                    const uint64_t* keys, at::Tensor& out, std::vector<float>& eps, std::vector<float>& sums) {
   const int64_t lo = a.offsets[cls], n = a.offsets[cls + 1] - lo, R = a.samples_per_source, d = a.d;
   if (n <= 1) return;  // one feature: no spread around the centre, no covariance
   const float c = coef / std::sqrt(static_cast<float>(n - 1));
   eps.resize(static_cast<size_t>(n * R));
-  std::fill(sums.begin(), sums.end(), 0.0f);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t r = 0; r < R; ++r) {
-      const float e = c * normal(keys[r], base + i);
-      eps[i * R + r] = e;
-      sums[r] += e;
-    }
-  for (int64_t i = 0; i < n; ++i) {
-    const float* z = a.bank + (lo + i) * d;
-    for (int64_t r = 0; r < R; ++r) {
-      float* o = out + r * d;
-      const float e = eps[i * R + r];
-#pragma omp simd
-      for (int64_t f = 0; f < d; ++f) o[f] += e * z[f];
-    }
-  }
+  for (int64_t r = 0; r < R; ++r) sums[r] = fill_normals(keys[r], base, n, c, eps.data() + r * n);
+  const at::Tensor e = at::from_blob(eps.data(), {R, n}, bank.options());
+  out.addmm_(e, bank.narrow(0, lo, n));
   const float* centre = a.centres + cls * d;
+  float* o = out.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r) {
-    float* o = out + r * d;
     const float s = sums[r];
 #pragma omp simd
-    for (int64_t f = 0; f < d; ++f) o[f] -= s * centre[f];
+    for (int64_t f = 0; f < d; ++f) o[r * d + f] -= s * centre[f];
   }
 }
 
-void sample_source(const SamplerArgs& a, int64_t s, std::vector<float>& eps, std::vector<float>& sums,
-                   std::vector<uint64_t>& keys) {
+void sample_source(const SamplerArgs& a, const at::Tensor& bank, const at::Tensor& out_all, int64_t s,
+                   std::vector<float>& eps, std::vector<float>& sums, std::vector<uint64_t>& keys) {
   const int64_t d = a.d, M = a.num_neighbours, R = a.samples_per_source;
-  float* out = a.out + s * R * d;
+  at::Tensor out_s = out_all.select(0, s);  // [R, d] view
+  float* out = out_s.data_ptr<float>();
   const float* z = a.source + s * d;
   const int64_t* nb = a.neighbours + s * M;
   const float* w = a.weights + s * M;
@@ -98,15 +88,18 @@ void sample_source(const SamplerArgs& a, int64_t s, std::vector<float>& eps, std
 
   const int64_t own = a.source_class[s];
   uint64_t base = 0;
-  add_class_term(a, own, 1.0f - a.alpha, base, keys.data(), out, eps, sums);
+  add_class_term(a, bank, own, 1.0f - a.alpha, base, keys.data(), out_s, eps, sums);
   base += a.offsets[own + 1] - a.offsets[own];
   for (int64_t m = 0; m < M; ++m) {
-    add_class_term(a, nb[m], a.alpha * std::sqrt(w[m]), base, keys.data(), out, eps, sums);
+    add_class_term(a, bank, nb[m], a.alpha * std::sqrt(w[m]), base, keys.data(), out_s, eps, sums);
     base += a.offsets[nb[m] + 1] - a.offsets[nb[m]];
   }
   const float sb = std::sqrt(a.beta);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t f = 0; f < d; ++f) out[r * d + f] += sb * normal(keys[r], base + f);
+  eps.resize(static_cast<size_t>(d));
+  for (int64_t r = 0; r < R; ++r) {
+    fill_normals(keys[r], base, d, sb, eps.data());
+    for (int64_t f = 0; f < d; ++f) out[r * d + f] += eps[f];
+  }
 }
 
 SamplerArgs make_args(const at::Tensor& bank, const at::Tensor& offsets, const at::Tensor& centres,
@@ -145,13 +138,13 @@ at::Tensor calibrated_sample_cpu(const at::Tensor& bank_, const at::Tensor& offs
   at::Tensor out = at::empty({source.size(0), samples_per_source, bank.size(1)}, bank.options());
   const SamplerArgs a = make_args(bank, offsets, centres, source, source_class, neighbours, weights, alpha, beta,
                                   samples_per_source, seed, out);
-#pragma omp parallel
-  {
+  // at::parallel_for (OpenMP in torch's CPU build) marks the region as parallel, so the GEMMs inside
+  // run single-threaded; the thread count follows torch.set_num_threads.
+  at::parallel_for(0, a.num_sources, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> eps, sums(static_cast<size_t>(samples_per_source));
     std::vector<uint64_t> keys(static_cast<size_t>(samples_per_source));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t s = 0; s < a.num_sources; ++s) sample_source(a, s, eps, sums, keys);
-  }
+    for (int64_t s = begin; s < end; ++s) sample_source(a, bank, out, s, eps, sums, keys);
+  });
   return out;
 }
 
