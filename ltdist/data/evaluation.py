@@ -27,10 +27,10 @@ class _SplitDataset(IterableDataset):
     def __init__(self, index: LongTailIndex, split: str, shard_ids: list[int], batch_size: int,
                  image_size: int, channels: int, workers: int):
         self.index, self.split, self.shard_ids, self.batch_size = index, split, shard_ids, batch_size
-        self.transform, self.workers = EvalTransform(image_size, channels), workers
+        self.transform, self.workers, self.channels = EvalTransform(image_size, channels), workers, channels
         self.skips: Counter = Counter()  # reason -> count (this process's share)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, list[int], list[str]]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         shards = self.index.split_shards(self.split)
@@ -46,10 +46,10 @@ class _SplitDataset(IterableDataset):
                 labels.append(s.label)
                 keys.append(s.key)
                 if len(labels) == self.batch_size:
-                    yield np.stack(images), labels, keys
+                    yield to_normalized_tensor(np.stack(images), self.channels), labels, keys
                     images, labels, keys = [], [], []
         if labels:
-            yield np.stack(images), labels, keys
+            yield to_normalized_tensor(np.stack(images), self.channels), labels, keys
 
 
 def iterate_split(
@@ -67,7 +67,7 @@ def iterate_split(
     dataset = _SplitDataset(index, split, mine, batch_size, image_size, channels, max(1, num_workers))
     source = DataLoader(dataset, batch_size=None, num_workers=num_workers) if num_workers > 0 else dataset
     for images, labels, keys in source:
-        yield Batch(to_normalized_tensor(images, channels), torch.as_tensor(labels, dtype=torch.long), list(keys))
+        yield Batch(images, torch.as_tensor(labels, dtype=torch.long), list(keys))
     if num_workers == 0 and dataset.skips:
         log.warning("%s rank %d: skipped samples by reason: %s", split, rank, dict(dataset.skips))
 

@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ltdist.data.index import LongTailIndex, read_index
 from ltdist.data.plan import StreamPlan, make_plan
 from ltdist.data.tario import CORRUPT_IMAGE
-from ltdist.data.transforms import to_normalized_tensor
 from ltdist.data.worker import Payload, WorkerStream
 
 log = logging.getLogger(__name__)
@@ -89,13 +88,10 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[Batch]:
         for payload in self.payloads():
-            images = payload["images"]
-            images = (to_normalized_tensor(images, self.plan.channels) if images is not None
-                      else torch.empty(0))
-            yield Batch(images, payload["labels"], payload["keys"])
+            yield Batch(payload["images"], payload["labels"], payload["keys"])
 
     def payloads(self, decode: bool = True) -> Iterator[Payload]:
-        """The raw worker payloads of the rest of the epoch (uint8 images; None when not decoding)."""
+        """The worker payloads of the rest of the epoch (``images`` None when not decoding)."""
         dataset = _EpochDataset(self.plan, self.epoch, self.batches_done, list(self._pos),
                                 [Counter({k: n for k, n in s.items() if k[1] == CORRUPT_IMAGE}) for s in self._skips],
                                 decode)

@@ -20,7 +20,7 @@ import torch
 from ltdist.data.plan import StreamPlan
 from ltdist.data.sampling import draw_repeats
 from ltdist.data.tario import CORRUPT_IMAGE, RawSample, read_shard
-from ltdist.data.transforms import TrainTransform
+from ltdist.data.transforms import TrainTransform, to_normalized_tensor
 
 Payload = dict  # what a worker sends to the main process for one batch (see WorkerStream.batches)
 
@@ -105,7 +105,7 @@ class WorkerStream:
                 labels.append(sample.label)
                 keys.append(sample.key)
             yield {
-                "images": torch.from_numpy(np.stack(images)) if images else None,
+                "images": to_normalized_tensor(np.stack(images), self.plan.channels) if images else None,
                 "labels": torch.tensor(labels, dtype=torch.long), "keys": keys, "worker": self.worker,
                 "pos": pos, "read": self.read, "decoded": self.decoded,
                 "skips": [[shard, reason, n] for (shard, reason), n in sorted(self.skips.items())],
