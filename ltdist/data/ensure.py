@@ -40,8 +40,12 @@ def ensure_shards(cfg_data: DictConfig) -> Path:
     index = read_index(path)
     missing = index.missing_files()
     if missing:
-        raise FileNotFoundError(f"{path} lists shards that are missing or truncated: "
+        raise FileNotFoundError(f"{path} lists shards that are missing: "
                                 + ", ".join(str(p) for p in missing) + f"; delete {out} to rebuild")
+    resized = index.resized_files()
+    if resized:
+        log.warning("shards whose size differs from %s (their damaged samples will be skipped and counted): %s",
+                    path, ", ".join(str(p) for p in resized))
     built = index.build
     if built.get("format") != cfg_data.format:
         raise ValueError(f"{out} holds {built.get('format')!r} shards but data.format={cfg_data.format!r}")

@@ -60,9 +60,9 @@ def iterate_split(
     ``split``, in a deterministic order; the last batch of each worker may be short."""
     if not isinstance(index, LongTailIndex):
         index = read_index(index)
-    missing = [p for p in index.missing_files() if p.name.startswith(f"{split}-")]
+    missing = index.missing_files(split)
     if missing:
-        raise FileNotFoundError(f"{split} shards missing or of the wrong size: " + ", ".join(map(str, missing)))
+        raise FileNotFoundError(f"{split} shards missing: " + ", ".join(map(str, missing)))
     mine = list(range(rank, len(index.split_shards(split)), world_size))
     dataset = _SplitDataset(index, split, mine, batch_size, image_size, channels, max(1, num_workers))
     source = DataLoader(dataset, batch_size=None, num_workers=num_workers) if num_workers > 0 else dataset

@@ -56,15 +56,19 @@ class LongTailIndex:
             raise KeyError(f"split {split!r} not in {self.root / 'index.json'} (has {sorted(self.manifest)})")
         return self.manifest[split]
 
-    def missing_files(self) -> list[Path]:
-        """Shard files named in the manifest that do not exist or have the wrong size."""
-        bad = []
-        for shards in self.manifest.values():
-            for s in shards:
-                p = self.root / s.file
-                if not p.is_file() or p.stat().st_size != s.bytes:
-                    bad.append(p)
-        return bad
+    def missing_files(self, split: str | None = None) -> list[Path]:
+        """Shard files of ``split`` (default: all) named in the manifest that do not exist."""
+        return [p for p in self._files(split) if not p.is_file()]
+
+    def resized_files(self, split: str | None = None) -> list[Path]:
+        """Existing shard files whose size differs from the manifest (truncated or rewritten). They are
+        still read: the reader counts what they lost."""
+        sizes = {self.root / s.file: s.bytes for shards in self.manifest.values() for s in shards}
+        return [p for p in self._files(split) if p.is_file() and p.stat().st_size != sizes[p]]
+
+    def _files(self, split: str | None) -> list[Path]:
+        splits = [split] if split is not None else list(self.manifest)
+        return [self.root / s.file for sp in splits for s in self.split_shards(sp)]
 
 
 def keys_digest(keys: list[str]) -> str:

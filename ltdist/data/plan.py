@@ -78,10 +78,13 @@ def make_plan(
     if bad:
         raise ValueError(f"exclude_classes {bad} out of range [0, {index.num_classes})")
     shards = index.split_shards("train")
-    missing = [p for p in index.missing_files() if p.name.startswith("train-")]
+    missing = index.missing_files("train")
     if missing:
-        raise FileNotFoundError(f"{len(missing)} train shards missing or of the wrong size: "
-                                + ", ".join(str(p) for p in missing))
+        raise FileNotFoundError(f"{len(missing)} train shards missing: " + ", ".join(str(p) for p in missing))
+    resized = index.resized_files("train")
+    if resized:
+        log.warning("train shards whose size differs from the manifest (damaged samples will be skipped and "
+                    "counted): %s", ", ".join(str(p) for p in resized))
     workers = max(1, num_workers)
     if len(shards) < world_size * workers:
         raise ValueError(f"{len(shards)} train shards in {index.root} but ranks × workers = {world_size} × "

@@ -138,6 +138,7 @@ def read_shard(
             return None
         return RawSample(key, label, parts[image_ext], image_ext, path.name)
 
+    damage: _TarError | None = None
     with open(path, "rb", buffering=1 << 20) as f:
         try:
             for name, data in iter_members(f):
@@ -154,12 +155,12 @@ def read_shard(
                     key, parts = k, {}
                 parts[ext] = data
         except _TarError as err:
-            # The sample being assembled is incomplete: it is part of what the damage lost.
-            skip(err.reason, expected - seen)
-            return
-        if key is not None:
-            seen += 1
-            sample = finish()
-            if sample is not None:
-                yield sample
-    skip(SHORT_SHARD, expected - seen)
+            damage = err
+    # The sample being assembled when the damage hit is kept only if it already has an image and a
+    # label; otherwise it is part of what the damage lost.
+    if key is not None and (damage is None or ("cls" in parts and any(e in parts for e in IMAGE_EXTS))):
+        seen += 1
+        sample = finish()
+        if sample is not None:
+            yield sample
+    skip(damage.reason if damage else SHORT_SHARD, expected - seen)
