@@ -166,3 +166,19 @@ def test_iterate_split_covers_every_sample_once(fmnist_lt, num_workers):  # noqa
         seen += rank_keys
     assert len(seen) == len(set(seen)) == sum(index.counts["val"])
     assert np.bincount(labels, minlength=10).tolist() == index.counts["val"]
+
+
+def test_state_saved_after_the_last_batch_resumes_into_the_next_epoch(tmp_path):
+    index = uneven_index(tmp_path)
+    kw = dict(batch_size=8, rank=0, world_size=2, num_workers=2, sampling_power=0.5, seed=2,
+              **{**STREAM, "image_size": 8})
+    first = build_train_stream(index, **kw)
+    run_epoch(first, 4)
+    state = first.state_dict()
+    resumed = build_train_stream(index, **kw)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(4)
+    assert list(resumed) == []  # epoch 4 was complete
+    assert [k for k, _, _ in run_epoch(resumed, 5)] == [k for k, _, _ in run_epoch(first, 5)]
+    with pytest.raises(ValueError, match="num_workers"):
+        build_train_stream(index, **{**kw, "num_workers": 1}).load_state_dict(state)

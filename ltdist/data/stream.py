@@ -66,6 +66,7 @@ class TrainStream:
         self.batches_per_epoch = plan.batches_per_epoch
         self.skip_counts: Counter = Counter()  # reason -> count over all finished epochs and this one
         self._finished: Counter = Counter()  # (shard, reason) -> count of finished epochs
+        self._resuming = False
         self._reset(0)
 
     def _reset(self, epoch: int) -> None:
@@ -76,8 +77,10 @@ class TrainStream:
         self._read, self._decoded = [0] * w, [0] * w
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch the next iteration yields; keeps a restored mid-epoch position of that epoch."""
-        if epoch == self.epoch and 0 < self.batches_done < self.batches_per_epoch:
+        """Start epoch ``epoch`` from its beginning, except right after ``load_state_dict`` of a state
+        saved in that same epoch: then the next iteration yields the rest of it (nothing if complete)."""
+        resuming, self._resuming = self._resuming, False
+        if resuming and epoch == self.epoch:
             return
         if self.batches_done:
             self._finished.update(self._epoch_skips())
@@ -92,6 +95,7 @@ class TrainStream:
 
     def payloads(self, decode: bool = True) -> Iterator[Payload]:
         """The worker payloads of the rest of the epoch (``images`` None when not decoding)."""
+        self._resuming = False
         dataset = _EpochDataset(self.plan, self.epoch, self.batches_done, list(self._pos),
                                 [Counter({k: n for k, n in s.items() if k[1] == CORRUPT_IMAGE}) for s in self._skips],
                                 decode)
@@ -158,6 +162,7 @@ class TrainStream:
         self._pos, self._read, self._decoded = list(state["positions"]), list(state["read"]), list(state["decoded"])
         self._skips = [Counter({(s, r): n for s, r, n in c}) for c in state["skips"]]
         self._finished = Counter({(s, r): n for s, r, n in state["finished_skips"]})
+        self._resuming = True
 
 
 def _round_robin(dataset: _EpochDataset, start_batch: int, workers: int) -> Iterator[Payload]:

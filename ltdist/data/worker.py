@@ -8,6 +8,7 @@ buffering (no decoding) and then continues with the same per-position augmentati
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 from collections import Counter
@@ -43,6 +44,8 @@ class WorkerStream:
         self.read = 0  # samples accounted by the reader (valid + skipped before the buffer)
         self.decoded = 0  # decode attempts after the buffer
         self.tag = f"{plan.seed}/{epoch}/{plan.rank}/{worker}"
+        # Augmentation seed of the sample at buffer position pos: aug_base + pos (int seeding is cheap).
+        self.aug_base = int.from_bytes(hashlib.sha256(f"aug/{self.tag}".encode()).digest()[:8], "big") << 32
         self.transform = TrainTransform(plan.image_size, plan.channels)
 
     def _read_pass(self, pass_: int) -> Iterator[RawSample]:
@@ -98,7 +101,7 @@ class WorkerStream:
                 if self.decode:
                     self.decoded += 1
                     try:
-                        images.append(self.transform(sample.image, random.Random(f"aug/{self.tag}/{pos}")))
+                        images.append(self.transform(sample.image, random.Random(self.aug_base + pos)))
                     except Exception:  # any decoder failure is a corrupt image; the stream must go on
                         self.skips[(sample.shard, CORRUPT_IMAGE)] += 1
                         continue
