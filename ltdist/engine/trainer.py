@@ -238,6 +238,8 @@ class Trainer:
                 if self.micro_in_window == 0 and self.step != self._last_saved_step:
                     self.save()
         bar.close()
+        if self.consumed_in_epoch:  # stopped inside an epoch (max_steps): validate the final weights too
+            self._validate()
         if self.step != self._last_saved_step:
             self.save()
         if self.env.is_main:
