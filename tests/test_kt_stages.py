@@ -25,20 +25,24 @@ def _split(centres, counts, gen):
     return {"features": features, "labels": labels, "keys": [f"s{i:05d}" for i in range(len(labels))]}
 
 
-@pytest.fixture
-def run_dir(tmp_path):
+def _make_run_dir(tmp_path, classifier="cosine"):
     gen = torch.Generator().manual_seed(0)
     centres = F.normalize(torch.randn(len(TRAIN_COUNTS), FEATURE_DIM, generator=gen), dim=1)
     for split, counts in {"train": TRAIN_COUNTS, "val": [4] * 6, "test": [40] * 6}.items():
         path = features_path(tmp_path, split)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(_split(centres, counts, gen), path)
-    model = build_model("resnet20", num_classes=6, channels=1)
+    model = build_model("resnet20", num_classes=6, channels=1, classifier=classifier)
     with torch.no_grad():  # a head biased towards the classes it saw most: rare rows are noisy
         noise = torch.randn(6, FEATURE_DIM, generator=gen) * torch.tensor([0.1, 0.1, 0.5, 1.0, 2.0, 3.0])[:, None]
         model.classifier.weight.copy_(centres + noise / FEATURE_DIM**0.5)
     export_model(model, tmp_path / "weights" / "final.pt")
     return tmp_path
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return _make_run_dir(tmp_path)
 
 
 def _context(run_dir, *overrides):
@@ -116,3 +120,18 @@ def test_prototypes_from_val_and_missing_inputs(run_dir, tmp_path_factory):
         kt_stage.run(_context(empty))
     with pytest.raises(FileNotFoundError, match="run the kt stage first"):
         evaluate_stage.run(_context(empty))
+
+
+def test_dot_product_baseline_when_the_head_is_linear(tmp_path):
+    run_dir = _make_run_dir(tmp_path, classifier="linear")
+    ctx = _context(run_dir, "model.classifier=linear")
+    kt_stage.run(ctx)
+    kt = load_kt_classifiers(run_dir)
+    assert kt.classifier_type == "linear" and kt.scale == 16.0  # model.scale_init for the KT softmax
+    evaluate_stage.run(ctx)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert "cosine" not in report["classifiers"]
+    test = torch.load(features_path(run_dir, "test"))
+    correct = (test["features"] @ kt.weights.T + kt.bias).argmax(dim=1) == test["labels"]
+    assert report["classifiers"]["dot product"]["all"] == pytest.approx(correct.double().mean().item())
+    assert "| Full training | dot product |" in (run_dir / "report.md").read_text()
