@@ -182,3 +182,36 @@ def test_state_saved_after_the_last_batch_resumes_into_the_next_epoch(tmp_path):
     assert [k for k, _, _ in run_epoch(resumed, 5)] == [k for k, _, _ in run_epoch(first, 5)]
     with pytest.raises(ValueError, match="num_workers"):
         build_train_stream(index, **{**kw, "num_workers": 1}).load_state_dict(state)
+
+
+def _gloo_rank(rank: int, world_size: int, workers: int, init_file: str, index: str, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    stream = build_train_stream(index, batch_size=8, rank=rank, world_size=world_size, num_workers=workers,
+                                sampling_power=0.0, seed=4, image_size=8, channels=1, shuffle_buffer=32,
+                                max_skip_fraction=0.01)
+    keys = []
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        for batch in stream:  # one collective per batch, as the engine's gradient all-reduce
+            total = torch.tensor([len(batch.keys)])
+            dist.all_reduce(total)
+            assert total.item() == 8 * world_size
+            keys += batch.keys
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, len(keys))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(gathered, f)
+    dist.destroy_process_group()
+
+
+def test_ranks_in_a_real_process_group_finish_epochs_together(tmp_path):
+    index = uneven_index(tmp_path)
+    out = tmp_path / "counts.json"
+    torch.multiprocessing.spawn(_gloo_rank, args=(2, 0, str(tmp_path / "pg"), str(index), str(out)), nprocs=2)
+    assert json.loads(out.read_text()) == [2 * (212 // 16) * 8] * 2

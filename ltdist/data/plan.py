@@ -4,6 +4,7 @@ makes the batch count identical on every rank without any communication."""
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 from collections.abc import Sequence
@@ -51,12 +52,12 @@ class StreamPlan:
         order = list(range(len(self.shard_paths)))
         random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
         rank_in_order = {shard: k for k, shard in enumerate(order)}
-        loads = [0.0] * self.slots
+        heap = [(0.0, slot) for slot in range(self.slots)]  # (load, slot): least loaded, lowest id first
         owned: list[list[int]] = [[] for _ in range(self.slots)]
         for i in sorted(order, key=lambda s: -self.shard_emissions[s]):
-            slot = loads.index(min(loads))
+            load, slot = heapq.heappop(heap)
             owned[slot].append(i)
-            loads[slot] += self.shard_emissions[i]
+            heapq.heappush(heap, (load + self.shard_emissions[i], slot))
         return sorted(owned[self.rank * self.num_workers + worker], key=rank_in_order.__getitem__)
 
     def worker_batches(self, worker: int, start_batch: int = 0) -> tuple[int, int]:
