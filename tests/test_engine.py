@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-STEPS = 30
+STEPS = 12
 WORLD = 2
 BASE = ["model.arch=resnet8", "trainer.batch_size=32", "trainer.epochs=1", f"trainer.max_steps={STEPS}",
         "trainer.log_every=2", "trainer.checkpoint_every=1000", "optim.lr=0.8", "optim.warmup_epochs=0",
@@ -63,13 +63,13 @@ def _rank_main(rank: int, port: int, run_dir: str, overrides: list[str], scenari
     install_preemption_handler()  # as the Job does; outside submitit requeue_and_exit raises Preempted
     env = init_distributed("cpu")
     cfg = load_config(None, overrides)
-    keys_file = open(Path(out) / f"keys_{rank}.jsonl", "a")
+    keys_path = Path(out) / f"keys_{rank}.jsonl"
     calls = {"n": 0}
 
     def on_batch(step, batch):
         digest = hashlib.sha1(batch.images.numpy().tobytes()).hexdigest()[:12]  # augmented pixels, not only keys
-        keys_file.write(json.dumps([step, list(batch.keys), digest]) + "\n")
-        keys_file.flush()
+        with open(keys_path, "a") as f:
+            f.write(json.dumps([step, list(batch.keys), digest]) + "\n")
         if rank == 1 and step == scenario.get("signal_at_step"):
             os.kill(os.getpid(), signal.SIGUSR2)  # the real signal submitit forwards before a time limit
 

@@ -118,7 +118,8 @@ class Trainer:
         """Save on all ranks (collective); refuses to write non-finite weights."""
         bad = nonfinite_parameters(self.model)
         if _all_reduce_sum(torch.tensor([float(len(bad))])).item() > 0:
-            raise RuntimeError(f"refusing to checkpoint step {self.step}: non-finite values in {bad[:5] or 'other ranks'}")
+            where = bad[:5] or "another rank's weights"
+            raise RuntimeError(f"refusing to checkpoint step {self.step}: non-finite values in {where}")
         client = {"step": self.step, "epoch": self.epoch, "consumed_in_epoch": self.consumed_in_epoch,
                   "guard": self.guard.state_dict()}
         mine = {"stream": self.stream.state_dict() if self.consumed_in_epoch else None, "rng": ckpt.rng_state()}

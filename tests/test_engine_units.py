@@ -1,0 +1,103 @@
+"""Engine pieces without processes: DeepSpeed config, LR rule and schedule, commit markers, numerics guard."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from ltdist.engine import checkpoint as ckpt
+from ltdist.engine.ds_config import build_deepspeed_config, effective_lr, plan_batches
+from ltdist.engine.numerics import NonFiniteGuard, NonFiniteLossError, nonfinite_parameters
+from ltdist.engine.schedule import lr_at
+
+
+def test_batch_plan_and_deepspeed_config():
+    plan = plan_batches(256, world_size=4, grad_accum=2)
+    assert plan.micro_batch == 32 and plan.micro_batch * 4 * 2 == plan.global_batch
+    config = build_deepspeed_config(plan, "bf16", 1, grad_clip=1.0,
+                                    extra={"zero_optimization": {"overlap_comm": True}, "steps_per_print": 5})
+    # DeepSpeed checks train_batch = micro · accum · world itself; ours must agree with it
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"]) == (256, 32, 2)
+    assert config["zero_optimization"] == {"stage": 1, "overlap_comm": True} and config["steps_per_print"] == 5
+    assert config["bf16"]["enabled"] and not config["fp16"]["enabled"] and config["gradient_clipping"] == 1.0
+    with pytest.raises(ValueError, match="not divisible"):
+        plan_batches(100, world_size=3, grad_accum=1)
+    with pytest.raises(ValueError, match="zero_stage"):
+        build_deepspeed_config(plan, "fp32", 3, 0.0)
+    with pytest.raises(ValueError, match="precision"):
+        build_deepspeed_config(plan, "fp8", 0, 0.0)
+
+
+def test_lr_scaling_rules():
+    assert effective_lr(0.1, 1024, 256, "linear") == pytest.approx(0.4)
+    assert effective_lr(0.1, 1024, 256, "sqrt") == pytest.approx(0.2)
+    assert effective_lr(0.1, 1024, 256, "none") == 0.1
+    with pytest.raises(ValueError, match="lr_scaling"):
+        effective_lr(0.1, 1024, 256, "cubic")
+
+
+def test_warmup_then_cosine():
+    peak, total, warm = 0.4, 110, 10
+    lrs = [lr_at(s, peak, total, warm) for s in range(total)]
+    assert lrs[:warm] == pytest.approx([peak * (s + 1) / warm for s in range(warm)])
+    assert lrs[warm] == pytest.approx(peak)
+    # cosine: halfway through the decay the LR is half the peak, and it decreases monotonically
+    assert lrs[warm + 50] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:])) and lrs[-1] < 1e-3 * peak
+    assert lr_at(5, peak, total, 0, "constant") == peak
+
+
+def _fake_checkpoint(root, step, commit=True, truncate=False):
+    d = root / ckpt.tag_for(step)
+    d.mkdir(parents=True)
+    (d / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+    (d / "ltdist_rank0.pt").write_bytes(b"y" * 10)
+    if commit:
+        files = {"mp_rank_00_model_states.pt": 100, "ltdist_rank0.pt": 10}
+        (d / ckpt.COMMIT_FILE).write_text(json.dumps({"step": step, "world_size": 1, "files": files}))
+    if truncate:
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"x" * 50)
+    return d
+
+
+def test_latest_verified_skips_uncommitted_and_damaged(tmp_path):
+    assert ckpt.latest_verified(tmp_path / "none") is None
+    _fake_checkpoint(tmp_path, 10)
+    _fake_checkpoint(tmp_path, 20)
+    _fake_checkpoint(tmp_path, 30, truncate=True)  # marker written, file damaged afterwards
+    _fake_checkpoint(tmp_path, 40, commit=False)  # killed before the commit
+    directory, marker = ckpt.latest_verified(tmp_path)
+    assert directory.name == ckpt.tag_for(20) and marker["step"] == 20
+    ckpt._prune(tmp_path, keep=1)  # older than the newest verified one goes, newer partial ones stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.tag_for(s) for s in (20, 30, 40)]
+
+
+def test_rng_state_roundtrip():
+    state = ckpt.rng_state()
+    a = torch.rand(3)
+    ckpt.set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_nonfinite_guard_counts_and_stops():
+    guard = NonFiniteGuard(max_consecutive=2)
+    for finite in (True, False, True, False):
+        guard.record(finite, step=0)
+    assert guard.skipped == 2 and guard.consecutive == 1
+    restored = NonFiniteGuard(2)
+    restored.load_state_dict(guard.state_dict())
+    with pytest.raises(NonFiniteLossError, match="max_nonfinite_steps=2"):
+        restored.record(False, step=9)
+    with pytest.raises(ValueError, match="max_nonfinite_steps"):
+        NonFiniteGuard(0)
+
+
+def test_nonfinite_parameters_named():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    assert nonfinite_parameters(model) == []
+    with torch.no_grad():
+        model[0].bias[1] = float("nan")
+    model[1].running_var[0] = float("inf")
+    assert nonfinite_parameters(model) == ["0.bias", "1.running_var"]
