@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ltdist.data import build_train_stream
-from ltdist.data.shards import build_shards
+from ltdist.data.build import build_shards
 from ltdist.data.transforms import TrainTransform, to_normalized_tensor
 
 

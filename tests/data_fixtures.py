@@ -12,8 +12,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from ltdist.data.build import build_shards
 from ltdist.data.index import ShardInfo, file_sha256, keys_digest, write_index
-from ltdist.data.shards import build_shards
 
 FMNIST_LT_IF1000_TRAIN = [6000, 2784, 1292, 600, 278, 129, 60, 27, 12, 6]
 

@@ -16,10 +16,10 @@ from PIL import Image
 
 from ltdist.config.schema import DataConfig
 from ltdist.data import ensure_shards, read_index, scan_split
+from ltdist.data.build import build_shards
 from ltdist.data.formats.fashion_mnist import read_idx
 from ltdist.data.formats.longtail import profile_counts
 from ltdist.data.index import file_sha256, keys_digest
-from ltdist.data.shards import build_shards
 from ltdist.data.shards import main as shards_main
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ltdist.data.build import build_shards
 from ltdist.data.index import read_index
-from ltdist.data.shards import build_shards
 
 log = logging.getLogger(__name__)
 SHARD_SIZE = 256  # small shards: Fashion-MNIST-LT then has 44 train shards for ranks × workers

@@ -50,6 +50,8 @@ class _SplitDataset(IterableDataset):
                     images, labels, keys = [], [], []
         if labels:
             yield to_normalized_tensor(np.stack(images), self.channels), labels, keys
+        if self.skips:  # logged where it happened: DataLoader workers do not share this counter
+            log.warning("%s worker %d: skipped samples by reason: %s", self.split, worker, dict(self.skips))
 
 
 def iterate_split(
@@ -68,8 +70,6 @@ def iterate_split(
     source = DataLoader(dataset, batch_size=None, num_workers=num_workers) if num_workers > 0 else dataset
     for images, labels, keys in source:
         yield Batch(images, torch.as_tensor(labels, dtype=torch.long), list(keys))
-    if num_workers == 0 and dataset.skips:
-        log.warning("%s rank %d: skipped samples by reason: %s", split, rank, dict(dataset.skips))
 
 
 def scan_split(index: LongTailIndex | Path, split: str, channels: int = 3) -> tuple[Counter, Counter]:
