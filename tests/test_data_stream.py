@@ -215,3 +215,15 @@ def test_ranks_in_a_real_process_group_finish_epochs_together(tmp_path):
     out = tmp_path / "counts.json"
     torch.multiprocessing.spawn(_gloo_rank, args=(2, 0, str(tmp_path / "pg"), str(index), str(out)), nprocs=2)
     assert json.loads(out.read_text()) == [2 * (212 // 16) * 8] * 2
+
+
+def test_shards_with_only_excluded_classes_cannot_fill_a_slot(tmp_path):
+    shards = [labelled_samples("a", [0, 1] * 5), labelled_samples("b", [1, 2] * 5), labelled_samples("c", [3] * 10)]
+    index = write_custom_shards(tmp_path / "x", shards, 4)
+    kw = dict(batch_size=4, rank=0, world_size=1, sampling_power=0.5, seed=0, **{**STREAM, "image_size": 8})
+    with pytest.raises(ValueError, match="only 2 train shards hold samples of the trained classes"):
+        build_train_stream(index, num_workers=3, exclude_classes=[3], **kw)
+    stream = build_train_stream(index, num_workers=2, exclude_classes=[3], **kw)
+    stream.set_epoch(0)
+    labels = torch.cat([b.labels for b in stream])
+    assert len(labels) == 20 // 4 * 4 and 3 not in labels.tolist()

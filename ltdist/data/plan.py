@@ -99,10 +99,15 @@ def make_plan(
     if per_rank < 1:
         raise ValueError(f"{total} training samples cannot fill one batch of {batch_size} on each of "
                          f"{world_size} ranks")
+    emissions = tuple(sum(n * factors[int(j)] for j, n in s.class_counts.items()) for s in shards)
+    useful = sum(e > 0 for e in emissions)
+    if useful < world_size * workers:
+        raise ValueError(f"only {useful} train shards hold samples of the trained classes but ranks × workers = "
+                         f"{world_size * workers}; use fewer workers or smaller shards")
     return StreamPlan(
         shard_paths=tuple(str(Path(index.root) / s.file) for s in shards),
         shard_samples=tuple(s.samples for s in shards),
-        shard_emissions=tuple(sum(n * factors[int(j)] for j, n in s.class_counts.items()) for s in shards),
+        shard_emissions=emissions,
         num_classes=index.num_classes,
         factors=tuple(float(r) for r in factors), batch_size=batch_size, rank=rank, world_size=world_size,
         num_workers=workers, seed=seed, image_size=image_size, channels=channels, shuffle_buffer=shuffle_buffer,

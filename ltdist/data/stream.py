@@ -74,7 +74,7 @@ class TrainStream:
         self.epoch, self.batches_done = epoch, 0
         self._pos = [0] * w
         self._skips = [Counter() for _ in range(w)]  # per worker, cumulative in the epoch
-        self._read, self._decoded = [0] * w, [0] * w
+        self._read = [0] * w
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` from its beginning, except right after ``load_state_dict`` of a state
@@ -106,7 +106,7 @@ class TrainStream:
             source = _round_robin(dataset, self.batches_done, w)
         for payload in source:
             k = payload["worker"]
-            self._pos[k], self._read[k], self._decoded[k] = payload["pos"], payload["read"], payload["decoded"]
+            self._pos[k], self._read[k] = payload["pos"], payload["read"]
             self._skips[k] = Counter({(s, r): n for s, r, n in payload["skips"]})
             self.batches_done += 1
             self._check_skips()
@@ -133,7 +133,7 @@ class TrainStream:
         # a bad shard early in the epoch is judged by the rate it gives the epoch, not the first batch.
         expected = self.batches_per_epoch * self.plan.batch_size
         limit = self.max_skip_fraction
-        if read_bad > limit * max(expected, sum(self._read)) or decode_bad > limit * max(expected, sum(self._decoded)):
+        if read_bad > limit * max(expected, sum(self._read)) or decode_bad > limit * max(expected, sum(self._pos)):
             shards = sorted({s for (s, _), n in epoch.items() if n})
             raise DataSkipError(
                 f"rank {self.plan.rank} epoch {self.epoch}: skipped {read_bad} samples while reading and "
@@ -146,7 +146,6 @@ class TrainStream:
             "version": STATE_VERSION, "epoch": self.epoch, "batches_done": self.batches_done,
             "rank": self.plan.rank, "world_size": self.plan.world_size, "num_workers": self.plan.num_workers,
             "seed": self.plan.seed, "positions": list(self._pos), "read": list(self._read),
-            "decoded": list(self._decoded),
             "skips": [[[s, r, n] for (s, r), n in sorted(c.items())] for c in self._skips],
             "finished_skips": [[s, r, n] for (s, r), n in sorted(self._finished.items())],
         }
@@ -159,7 +158,7 @@ class TrainStream:
             raise ValueError(f"train stream state does not match this stream (saved, now): {wrong}")
         self._reset(int(state["epoch"]))
         self.batches_done = int(state["batches_done"])
-        self._pos, self._read, self._decoded = list(state["positions"]), list(state["read"]), list(state["decoded"])
+        self._pos, self._read = list(state["positions"]), list(state["read"])
         self._skips = [Counter({(s, r): n for s, r, n in c}) for c in state["skips"]]
         self._finished = Counter({(s, r): n for s, r, n in state["finished_skips"]})
         self._resuming = True

@@ -42,7 +42,6 @@ class WorkerStream:
         self.skips.update(decode_skips or {})
         self._reasons: Counter = Counter()  # reason -> count of what the reader skipped
         self.read = 0  # samples accounted by the reader (valid + skipped before the buffer)
-        self.decoded = 0  # decode attempts after the buffer
         self.tag = f"{plan.seed}/{epoch}/{plan.rank}/{worker}"
         # Augmentation seed of the sample at buffer position pos: aug_base + pos (int seeding is cheap).
         self.aug_base = int.from_bytes(hashlib.sha256(f"aug/{self.tag}".encode()).digest()[:8], "big") << 32
@@ -75,19 +74,26 @@ class WorkerStream:
         size = max(1, self.plan.shuffle_buffer)
         for pass_ in itertools.count():
             buffer: list[RawSample] = []
+            emitted = 0
             for sample in self._read_pass(pass_):
                 for _ in range(draw_repeats(self.plan.factors[sample.label], rng)):
                     if len(buffer) < size:
                         buffer.append(sample)
                         continue
                     i = rng.randrange(size)
+                    emitted += 1
                     yield buffer[i]
                     buffer[i] = sample
+            if emitted + len(buffer) == 0:
+                raise RuntimeError(f"rank {self.plan.rank} worker {self.worker}: its shards hold only samples "
+                                   "of excluded classes")
             rng.shuffle(buffer)
             yield from buffer
 
     def batches(self) -> Iterator[Payload]:
-        """Yield this worker's remaining batches as payload dicts (uint8 images [B, H, W, C])."""
+        """Yield this worker's remaining batches as payload dicts: ``images`` float [B, C, H, W]
+        (normalised; None without decoding), ``labels`` int64 [B], ``keys``, and the position
+        ``pos`` (samples taken from the buffer; each one decode attempt) plus cumulative skip counts."""
         quota, _ = self.plan.worker_batches(self.worker)
         stream = self._shuffled()
         for _ in range(self.start_pos):
@@ -99,7 +105,6 @@ class WorkerStream:
                 sample = next(stream)
                 pos += 1
                 if self.decode:
-                    self.decoded += 1
                     try:
                         images.append(self.transform(sample.image, random.Random(self.aug_base + pos)))
                     except Exception:  # any decoder failure is a corrupt image; the stream must go on
@@ -110,6 +115,6 @@ class WorkerStream:
             yield {
                 "images": to_normalized_tensor(np.stack(images), self.plan.channels) if images else None,
                 "labels": torch.tensor(labels, dtype=torch.long), "keys": keys, "worker": self.worker,
-                "pos": pos, "read": self.read, "decoded": self.decoded,
+                "pos": pos, "read": self.read,
                 "skips": [[shard, reason, n] for (shard, reason), n in sorted(self.skips.items())],
             }
