@@ -14,6 +14,7 @@ COMMANDS = {
 BENCHMARKS = {
     "kernels": "ltdist.kernels.bench",
     "engine": "ltdist.engine.bench",
+    "data": "ltdist.data.bench",
 }
 
 USAGE = """usage: ltdist COMMAND [args...]
@@ -24,6 +25,7 @@ commands:
   stats          what the rebalancing stream will emit, per class, per rank
   bench kernels  kernel microbenchmarks (Triton / C++ / CUDA vs PyTorch)
   bench engine   DeepSpeed step time vs a plain PyTorch loop
+  bench data     training-stream throughput vs a map-style DataLoader
 
 'ltdist COMMAND --help' describes each command."""
 

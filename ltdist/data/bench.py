@@ -5,7 +5,7 @@ flip, colour jitter, normalise) at 224 px; the stream reads webdataset shards (w
 shuffle buffer), the baseline reads one JPEG file per sample with PIL through torch's DataLoader
 with shuffling. Runs alternate (stream, map, stream, map, ...) so both see the same machine load.
 
-    python benchmarks/data_stream.py --images 768 --workers 0 1 2 --repeats 3 --json out.json
+    python -m ltdist.data.bench --images 768 --workers 0 1 2 --repeats 3 --json runs/bench/data_stream.json
 
 Reports wall-clock images/s and images per CPU-second (user + system time of the main process and
 its loader processes): the per-core figure, which stays meaningful on a machine shared with others.
