@@ -1,6 +1,7 @@
 """Long-tail evaluation: group boundaries, accuracy per class / group, report files and plots."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from ltdist.evaluate import (
     plot_per_class_accuracy,
     write_report,
 )
+from ltdist.evaluate.aggregate import aggregate_reports, format_mean_std_table
 
 
 def test_group_assignment_at_threshold_boundaries():
@@ -90,3 +92,21 @@ def test_report_refuses_table_rows_without_results(tmp_path):
                      results={"cosine": {"many": 1.0, "medium": None, "few": None, "all": 1.0}},
                      per_class={"cosine": [1.0]}, train_counts=[200],
                      tables={"t": [TableSection("Ours", ["cosine", "w_h(0)"])]})
+
+
+def test_aggregate_mean_and_std_over_runs(tmp_path):
+    paths = []
+    for seed, (many, few) in enumerate([(0.80, 0.40), (0.90, None), (0.70, 0.60)]):
+        report = {"dataset": "toy", "groups": {"many": [0], "medium": [], "few": [1]},
+                  "classifiers": {"cosine": {"many": many, "medium": None, "few": few, "all": 0.5}}}
+        paths.append(tmp_path / f"r{seed}.json")
+        paths[-1].write_text(json.dumps(report))
+    table = aggregate_reports(paths)
+    assert table["cosine"]["many"] == pytest.approx((0.8, 0.1, 3))
+    assert table["cosine"]["few"] == pytest.approx((0.5, statistics.stdev([0.4, 0.6]), 2))  # None is left out
+    assert table["cosine"]["medium"] is None
+    assert "| cosine | 80.0 ± 10.0 | N/A | 50.0 ± 14.1 | 50.0 ± 0.0 |" in format_mean_std_table(table)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"dataset": "other", "groups": {}, "classifiers": {}}))
+    with pytest.raises(ValueError, match="cannot average"):
+        aggregate_reports([paths[0], other])

@@ -1,0 +1,64 @@
+"""Mean ± std over several runs' ``report.json`` (e.g. seeds) as a paper-1-style Markdown table.
+
+    python -m ltdist.evaluate.aggregate runs/fmnist_lt/seed*/report.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from ltdist.evaluate.report import COLUMNS
+
+
+def aggregate_reports(paths: Sequence[Path]) -> dict[str, dict[str, tuple[float, float, int] | None]]:
+    """classifier → column → (mean, sample std, runs) in [0, 1], over the runs that report it; None if none.
+
+    Every report must be of the same dataset with the same groups (else the means mix different things).
+    """
+    if not paths:
+        raise ValueError("aggregate_reports: no report.json given")
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    first = reports[0]
+    for path, r in zip(paths, reports):
+        if (r["dataset"], r["groups"]) != (first["dataset"], first["groups"]):
+            raise ValueError(f"{path}: dataset or class groups differ from {paths[0]}; cannot average them")
+    names = list(dict.fromkeys(n for r in reports for n in r["classifiers"]))
+    table: dict[str, dict[str, tuple[float, float, int] | None]] = {}
+    for name in names:
+        table[name] = {}
+        for column in COLUMNS:
+            values = [r["classifiers"][name][column] for r in reports
+                      if name in r["classifiers"] and r["classifiers"][name][column] is not None]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            table[name][column] = (statistics.fmean(values), std, len(values)) if values else None
+    return table
+
+
+def format_mean_std_table(table: dict[str, dict[str, tuple[float, float, int] | None]],
+                          names: Sequence[str] | None = None) -> str:
+    """Markdown rows "mean ± std" in percent, columns Many / Medium / Few / Total (paper 1 Table 1)."""
+    lines = ["| Classifier type | Many-shot | Medium-shot | Few-shot | Total |", "|---|---:|---:|---:|---:|"]
+    for name in names or list(table):
+        cells = ["N/A" if table[name][c] is None else f"{100 * table[name][c][0]:.1f} ± {100 * table[name][c][1]:.1f}"
+                 for c in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ltdist.evaluate.aggregate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reports", nargs="+", type=Path, help="report.json files (one per run)")
+    args = parser.parse_args(argv)
+    table = aggregate_reports(args.reports)
+    print(f"{len(args.reports)} runs; top-1 (%) mean ± sample std\n")
+    print(format_mean_std_table(table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
