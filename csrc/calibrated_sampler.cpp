@@ -161,6 +161,9 @@ at::Tensor calibrated_sample_cuda(const at::Tensor& bank_, const at::Tensor& off
                                   const at::Tensor& neighbours_, const at::Tensor& weights_, double alpha,
                                   double beta, int64_t samples_per_source, int64_t seed) {
   check_inputs(bank_, offsets_, centres_, source_, source_class_, neighbours_, weights_, samples_per_source);
+  for (const at::Tensor* t : {&offsets_, &centres_, &source_, &source_class_, &neighbours_, &weights_})
+    TORCH_CHECK(t->device() == bank_.device(), "calibrated_sample: all tensors must be on ", bank_.device(),
+                ", got one on ", t->device());
   const c10::cuda::CUDAGuard guard(bank_.device());
   const at::Tensor bank = bank_.contiguous(), offsets = offsets_.contiguous(), centres = centres_.contiguous(),
                    source = source_.contiguous(), source_class = source_class_.contiguous(),

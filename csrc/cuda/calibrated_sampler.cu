@@ -67,8 +67,8 @@ __global__ void calibrated_sample_kernel(const SamplerArgs a) {
   __shared__ float eps[kChunk][kDraws];
   __shared__ float sums[kDraws];
   __shared__ uint64_t keys[kDraws];
-  const int64_t s = blockIdx.y;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kDraws;
+  const int64_t s = blockIdx.x;  // sources on x (up to 2^31 − 1 blocks), draw tiles on y
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kDraws;
   const int64_t left = a.samples_per_source - r0;
   const int draws = left < kDraws ? static_cast<int>(left) : kDraws;
   const int64_t d = a.d, M = a.num_neighbours;
@@ -116,9 +116,12 @@ void calibrated_sample_cuda_launch(const SamplerArgs& args, void* cuda_stream) {
     throw std::invalid_argument("calibrated_sample (CUDA): d = " + std::to_string(args.d) + " exceeds " +
                                 std::to_string(kCols * 1024));
   if (args.num_sources == 0) return;
+  if ((args.samples_per_source + kDraws - 1) / kDraws > 65535)
+    throw std::invalid_argument("calibrated_sample (CUDA): samples_per_source must be <= " +
+                                std::to_string(65535 * kDraws));
   const int threads = static_cast<int>(((args.d + kCols - 1) / kCols + 31) / 32 * 32);
-  const dim3 grid(static_cast<unsigned>((args.samples_per_source + kDraws - 1) / kDraws),
-                  static_cast<unsigned>(args.num_sources));
+  const dim3 grid(static_cast<unsigned>(args.num_sources),
+                  static_cast<unsigned>((args.samples_per_source + kDraws - 1) / kDraws));
   calibrated_sample_kernel<<<grid, threads, 0, static_cast<cudaStream_t>(cuda_stream)>>>(args);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess)
