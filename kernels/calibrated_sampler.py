@@ -25,13 +25,12 @@ def group_bank(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     return features[order.to(features.device)].float().contiguous(), offsets.to(features.device)
 
 
-def check_sampler_inputs(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.Tensor, source: torch.Tensor,
-                         source_class: torch.Tensor, neighbours: torch.Tensor, weights: torch.Tensor,
-                         alpha: float, beta: float) -> None:
-    """Raise ``ValueError`` naming the first problem in the sampler inputs (shapes are checked in C++)."""
-    for name, t in (("bank", bank), ("centres", centres), ("source", source), ("weights", weights)):
-        if not torch.isfinite(t).all():
-            raise ValueError(f"calibrated_sample: {name} contains NaN or Inf")
+def check_sampler_inputs(bank: torch.Tensor, offsets: torch.Tensor, source_class: torch.Tensor,
+                         neighbours: torch.Tensor, weights: torch.Tensor, alpha: float, beta: float) -> None:
+    """Raise ``ValueError`` naming the first problem in the index/weight inputs (shapes are checked in C++).
+
+    Costs O(C + S·M), not O(bank): NaN/Inf in the features is diagnosed after sampling
+    (:func:`diagnose_non_finite`), only when it reached the samples."""
     if offsets.dim() != 1 or offsets.numel() < 2 or int(offsets[0]) != 0 or int(offsets[-1]) != bank.shape[0] \
             or bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError(f"calibrated_sample: offsets must be non-decreasing from 0 to the bank size "
@@ -47,10 +46,24 @@ def check_sampler_inputs(bank: torch.Tensor, offsets: torch.Tensor, centres: tor
         if bool(empty.any()):
             raise ValueError(f"calibrated_sample: {name} refers to class {int(ids[empty][0])}, which has no "
                              f"samples in the bank")
-    if bool((weights < 0).any()):
-        raise ValueError("calibrated_sample: neighbour weights must be >= 0")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("calibrated_sample: neighbour weights must be finite and >= 0")
     if not 0.0 <= alpha <= 1.0 or beta < 0.0:
         raise ValueError(f"calibrated_sample: need 0 <= alpha <= 1 and beta >= 0, got alpha={alpha}, beta={beta}")
+
+
+def diagnose_non_finite(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.Tensor, source: torch.Tensor,
+                        source_class: torch.Tensor, neighbours: torch.Tensor) -> ValueError:
+    """The error to raise when samples came out NaN/Inf: names the input (and class) that caused it."""
+    bad_rows = ~torch.isfinite(source).all(1)
+    if bool(bad_rows.any()):
+        return ValueError(f"calibrated_sample: source feature {int(bad_rows.nonzero()[0])} contains NaN or Inf")
+    for c in torch.unique(torch.cat([source_class, neighbours.flatten()])).tolist():
+        if not bool(torch.isfinite(centres[c]).all()):
+            return ValueError(f"calibrated_sample: centre of class {c} contains NaN or Inf")
+        if not bool(torch.isfinite(bank[int(offsets[c]):int(offsets[c + 1])]).all()):
+            return ValueError(f"calibrated_sample: bank features of class {c} contain NaN or Inf")
+    return ValueError("calibrated_sample: samples are not finite (overflow: are the features huge?)")
 
 
 def calibrated_sample(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.Tensor, source: torch.Tensor,
@@ -70,11 +83,17 @@ def calibrated_sample(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.
             thread count, and the C++ and CUDA paths use the same random stream.
     Returns:
         [S, R, d] float32 on the device of ``bank``.
+    Raises:
+        ValueError: naming the problem — class id out of range, a referenced class with no bank rows,
+            negative/non-finite weights, bad offsets, or NaN/Inf in the source, centre or bank rows used.
     """
-    check_sampler_inputs(bank, offsets, centres, source, source_class, neighbours, weights, alpha, beta)
+    check_sampler_inputs(bank, offsets, source_class, neighbours, weights, alpha, beta)
     load_extension()
-    return torch.ops.ltdist.calibrated_sample(bank, offsets, centres, source, source_class, neighbours, weights,
-                                              float(alpha), float(beta), int(samples_per_source), int(seed))
+    out = torch.ops.ltdist.calibrated_sample(bank, offsets, centres, source, source_class, neighbours, weights,
+                                             float(alpha), float(beta), int(samples_per_source), int(seed))
+    if not bool(torch.isfinite(out).all()):  # O(output): NaN features that matter always reach the samples
+        raise diagnose_non_finite(bank, offsets, centres, source, source_class, neighbours)
+    return out
 
 
 def calibrated_moments(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.Tensor, source: torch.Tensor,
@@ -102,7 +121,7 @@ def calibrated_sample_dense(bank: torch.Tensor, offsets: torch.Tensor, centres: 
                             generator: torch.Generator | None = None) -> torch.Tensor:
     """Reference: build Σ_s (d×d), Cholesky, sample. Same arguments and result shape as
     :func:`calibrated_sample` (a generator instead of a seed); needs β > 0 so that Σ_s is definite."""
-    check_sampler_inputs(bank, offsets, centres, source, source_class, neighbours, weights, alpha, beta)
+    check_sampler_inputs(bank, offsets, source_class, neighbours, weights, alpha, beta)
     if beta <= 0:
         raise ValueError("calibrated_sample_dense: needs beta > 0 (Cholesky of a possibly singular Σ)")
     out = []

@@ -101,11 +101,14 @@ def test_class_counts_1_2_5_give_finite_samples():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda a: a.__setitem__(3, a[3].clone().index_fill_(1, torch.tensor([0]), float("nan"))), "NaN"),
+        (lambda a: a.__setitem__(3, a[3].clone().index_fill_(1, torch.tensor([0]), float("nan"))),
+         "source feature 0 contains NaN"),
+        (lambda a: a.__setitem__(0, a[0].clone().index_fill_(0, torch.tensor([3]), float("nan"))),
+         "bank features of class 1 contain NaN"),
         (lambda a: a.__setitem__(5, torch.tensor([[1, 9]])), "outside"),
         (lambda a: a.__setitem__(1, torch.tensor([0, 2, 2, 8])), "no samples"),
     ],
-    ids=["nan-source", "neighbour-out-of-range", "empty-class"],
+    ids=["nan-source", "nan-bank-row", "neighbour-out-of-range", "empty-class"],
 )
 def test_bad_input_is_named(change, message):
     bank, offsets, centres = make_problem([2, 4, 2], d=4)
