@@ -113,6 +113,9 @@ def evaluate_kt(kt: KTClassifiers, test: dict, *, dataset: str, out_dir: Path, m
     if untrained:
         notes.append(f"classes {untrained} were withheld from backbone training: the learned classifier's rows "
                      f"for them are untrained, every other classifier uses their prototypes only")
+        notes.append("in the Table 1 layout those classes get w_hc(k) (2 unit terms) while the others get w_h(k) "
+                     "(3 terms, including ŵ, which lies farther from the features than p̂): the mix favours the "
+                     "withheld classes; the Table 2 layout (w_hc for every class, paper 1 §4.3) is the comparable one")
     plot_dir = out_dir / "plots"
     shown = [main[0], "prototypes", "prototypes + classifier", "ensemble", "continual ensemble"]
     plots = [plot_per_class_accuracy(plot_dir / "per_class_accuracy.png", counts,
