@@ -81,6 +81,11 @@ class Trainer:
                                                 dict(cfg.deepspeed.extra))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config, dist_init_required=False)
+        if self.dtype != torch.float32 and env.device.type == "cpu":
+            # DeepSpeed casts parameters only; CPU batch_norm wants its running statistics in the same dtype.
+            for buffer in self.engine.module.buffers():
+                if buffer.is_floating_point():
+                    buffer.data = buffer.data.to(self.dtype)
         self.steps_per_epoch = stream.batches_per_epoch // self.plan.grad_accum
         if self.steps_per_epoch < 1:
             raise ValueError(f"the data stream has {stream.batches_per_epoch} micro-batches per epoch, fewer than "
