@@ -3,7 +3,8 @@
     python -m ltdist.engine.bench [--cases resnet32:28:128 resnet50:224:8] [--zero-stage 0] [--out bench.json]
 
 Single process (gloo group of 1, as DeepSpeed needs one). Both loops train an identical copy of the model
-on the same in-memory batch; steps alternate plain / DeepSpeed so that load drift hits both alike. Prints
+on the same in-memory batch; steps alternate plain / DeepSpeed (order swapped every pair) so that load
+drift and position effects hit both alike. Prints
 a table of median step times and the ratio, and writes them as JSON.
 """
 
@@ -53,9 +54,11 @@ def bench_case(arch: str, image_size: int, batch: int, channels: int, steps: int
     labels = torch.randint(0, 10, (batch,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {"plain": [], "deepspeed": []}
+    loops = (("plain", lambda: _plain_step(plain, plain_opt, images, labels)),
+             ("deepspeed", lambda: _ds_step(engine, images, labels)))
     for i in range(warmup + steps):
-        for name, step in (("plain", lambda: _plain_step(plain, plain_opt, images, labels)),
-                           ("deepspeed", lambda: _ds_step(engine, images, labels))):
+        # Alternate which loop goes first: the second of a pair runs measurably slower (caches, allocator).
+        for name, step in loops if i % 2 == 0 else loops[::-1]:
             sync()
             start = time.perf_counter()
             step()
