@@ -219,10 +219,10 @@ class Trainer:
             batches = iter(self.stream)
             while self.step < self.total_steps:
                 at_boundary = self.micro_in_window == 0
+                if at_boundary and self.consumed_in_epoch >= epoch_micro:
+                    break  # finish the epoch (validation, checkpoint) before acting on a preemption
                 if at_boundary and preemption_agreed():
                     self._preempt(started_as_requeue, start_step)
-                if at_boundary and self.consumed_in_epoch >= epoch_micro:
-                    break
                 waited = time.perf_counter()
                 batch = next(batches, None)
                 window.data_wait_s += time.perf_counter() - waited

@@ -1,0 +1,103 @@
+"""Epoch boundaries in one process: per-epoch validation and checkpoints, and a preemption right at an
+epoch end resumes to the same weights. The stream is a small in-memory one with the TrainStream protocol
+(the 2-rank tests on real shards never reach an epoch end within the test budget)."""
+
+import os
+import socket
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from ltdist.config.load import load_config
+from ltdist.distributed import init_distributed, shutdown_distributed
+from ltdist.engine.trainer import Trainer
+from ltdist.preemption import Preempted, install_preemption_handler, request_preemption
+
+COUNTS = [300, 120, 60, 30, 10]  # many, many, medium, medium, few
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    keys: list
+
+
+class MemoryStream:
+    """Deterministic per-epoch permutation of a fixed tensor set; state = (epoch, batches handed out)."""
+
+    def __init__(self, n: int = 96, batch: int = 16):
+        g = torch.Generator().manual_seed(0)
+        self.labels = torch.randint(0, len(COUNTS), (n,), generator=g)
+        self.images = torch.randn(n, 1, 12, 12, generator=g) + self.labels.view(-1, 1, 1, 1)
+        self.batch, self.batches_per_epoch = batch, n // batch
+        self.epoch = self.done = 0
+
+    def set_epoch(self, epoch):
+        self.epoch, self.done = epoch, 0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "done": self.done}
+
+    def load_state_dict(self, state):
+        self.epoch, self.done = state["epoch"], state["done"]
+
+    def __iter__(self):
+        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.epoch))
+        while self.done < self.batches_per_epoch:
+            i = order[self.done * self.batch:(self.done + 1) * self.batch]
+            self.done += 1
+            yield Batch(self.images[i], self.labels[i], [str(int(k)) for k in i])
+
+
+@pytest.fixture(scope="module")
+def env():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    yield init_distributed("cpu")
+    shutdown_distributed()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _trainer(run_dir, env, records):
+    cfg = load_config(None, ["model.arch=resnet8", "trainer.batch_size=16", "trainer.epochs=2",
+                             "trainer.checkpoint_every=1000", "trainer.log_every=2", "optim.warmup_epochs=0.5",
+                             "data.channels=1", "trainer.progress=false"])
+    return Trainer(cfg, run_dir, env, MemoryStream(), len(COUNTS), COUNTS, lambda: iter(MemoryStream(32, 8)),
+                   records.append)
+
+
+def test_epochs_validate_checkpoint_and_resume_at_epoch_end(env, tmp_path):
+    records_a: list = []
+    _trainer(tmp_path / "A", env, records_a).fit()
+    vals = [r for r in records_a if r.get("event") == "val"]
+    assert [(v["epoch"], v["step"]) for v in vals] == [(1, 6), (2, 12)]
+    assert all(0.0 <= v["val_all"] <= 1.0 and v["val_few"] is not None for v in vals)
+    checkpoints = sorted(p.name for p in (tmp_path / "A" / "checkpoints").glob("step_*"))
+    assert checkpoints == ["step_000000006", "step_000000012"]  # the epoch ends (keep = 2)
+
+    records_b: list = []
+    install_preemption_handler()
+    trainer = _trainer(tmp_path / "B", env, records_b)
+    trainer.on_batch = lambda step, batch: request_preemption() if step == 5 else None  # last step of epoch 0
+    with pytest.raises(Preempted):
+        trainer.fit()
+    assert trainer.step == 6 and trainer.epoch == 1 and trainer.consumed_in_epoch == 0
+    install_preemption_handler()  # the requeued job: a fresh flag
+    resumed = _trainer(tmp_path / "B", env, records_b)
+    resumed.fit()
+    assert [r["resumed_from_step"] for r in records_b if r.get("event") == "config"] == [0, 6]
+    a, b = _trainer_weights(tmp_path / "A"), _trainer_weights(tmp_path / "B")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _trainer_weights(run_dir):
+    return torch.load(run_dir / "weights" / "final.pt", weights_only=True)["state_dict"]
