@@ -67,17 +67,20 @@ def env():
             os.environ[k] = v
 
 
-def _trainer(run_dir, env, records):
+def _trainer(run_dir, env, records, grad_accum):
     cfg = load_config(None, ["model.arch=resnet8", "trainer.batch_size=16", "trainer.epochs=2",
+                             f"trainer.grad_accum={grad_accum}",
                              "trainer.checkpoint_every=1000", "trainer.log_every=2", "optim.warmup_epochs=0.5",
                              "data.channels=1", "trainer.progress=false"])
-    return Trainer(cfg, run_dir, env, MemoryStream(), len(COUNTS), COUNTS, lambda: iter(MemoryStream(32, 8)),
+    stream = MemoryStream(batch=16 // grad_accum)  # the per-rank micro-batch
+    return Trainer(cfg, run_dir, env, stream, len(COUNTS), COUNTS, lambda: iter(MemoryStream(32, 8)),
                    records.append)
 
 
-def test_epochs_validate_checkpoint_and_resume_at_epoch_end(env, tmp_path):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_epochs_validate_checkpoint_and_resume_at_epoch_end(env, tmp_path, grad_accum):
     records_a: list = []
-    _trainer(tmp_path / "A", env, records_a).fit()
+    _trainer(tmp_path / "A", env, records_a, grad_accum).fit()
     vals = [r for r in records_a if r.get("event") == "val"]
     assert [(v["epoch"], v["step"]) for v in vals] == [(1, 6), (2, 12)]
     assert all(0.0 <= v["val_all"] <= 1.0 and v["val_few"] is not None for v in vals)
@@ -86,13 +89,13 @@ def test_epochs_validate_checkpoint_and_resume_at_epoch_end(env, tmp_path):
 
     records_b: list = []
     install_preemption_handler()
-    trainer = _trainer(tmp_path / "B", env, records_b)
+    trainer = _trainer(tmp_path / "B", env, records_b, grad_accum)
     trainer.on_batch = lambda step, batch: request_preemption() if step == 5 else None  # last step of epoch 0
     with pytest.raises(Preempted):
         trainer.fit()
     assert trainer.step == 6 and trainer.epoch == 1 and trainer.consumed_in_epoch == 0
     install_preemption_handler()  # the requeued job: a fresh flag
-    resumed = _trainer(tmp_path / "B", env, records_b)
+    resumed = _trainer(tmp_path / "B", env, records_b, grad_accum)
     resumed.fit()
     assert [r["resumed_from_step"] for r in records_b if r.get("event") == "config"] == [0, 6]
     a, b = _trainer_weights(tmp_path / "A"), _trainer_weights(tmp_path / "B")
