@@ -101,3 +101,23 @@ def test_nonfinite_parameters_named():
         model[0].bias[1] = float("nan")
     model[1].running_var[0] = float("inf")
     assert nonfinite_parameters(model) == ["0.bias", "1.running_var"]
+
+
+@pytest.mark.parametrize("preset,stage,precision", [("zero0_fp32", 0, "fp32"), ("zero1_bf16", 1, "bf16"),
+                                                    ("zero2_bf16", 2, "bf16")])
+def test_deepspeed_presets_build_configs(preset, stage, precision):
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from ltdist.config.load import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / f"{preset}.yaml"
+    cfg = load_config(path)
+    extra = OmegaConf.to_container(cfg.deepspeed.extra, resolve=True)  # as the Trainer passes it
+    config = build_deepspeed_config(plan_batches(cfg.trainer.batch_size, 8, 1), cfg.trainer.precision,
+                                    cfg.deepspeed.zero_stage, 0.0, extra)
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["bf16"]["enabled"] is (precision == "bf16")
+    if stage == 2:
+        assert config["zero_optimization"]["overlap_comm"] is True

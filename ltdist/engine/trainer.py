@@ -17,7 +17,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ltdist.distributed import DistEnv
@@ -78,7 +78,7 @@ class Trainer:
         optimizer = torch.optim.SGD(_param_groups(model, o.weight_decay), lr=self.peak_lr, momentum=o.momentum,
                                     nesterov=o.nesterov)
         self.ds_config = build_deepspeed_config(self.plan, t.precision, cfg.deepspeed.zero_stage, o.grad_clip,
-                                                dict(cfg.deepspeed.extra))
+                                                OmegaConf.to_container(cfg.deepspeed.extra, resolve=True))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config, dist_init_required=False)
         if self.dtype != torch.float32 and env.device.type == "cpu":
