@@ -67,11 +67,11 @@ def env():
             os.environ[k] = v
 
 
-def _trainer(run_dir, env, records, grad_accum):
+def _trainer(run_dir, env, records, grad_accum, extra=()):
     cfg = load_config(None, ["model.arch=resnet8", "trainer.batch_size=16", "trainer.epochs=2",
                              f"trainer.grad_accum={grad_accum}",
                              "trainer.checkpoint_every=1000", "trainer.log_every=2", "optim.warmup_epochs=0.5",
-                             "data.channels=1", "trainer.progress=false"])
+                             "data.channels=1", "trainer.progress=false", *extra])
     stream = MemoryStream(batch=16 // grad_accum)  # the per-rank micro-batch
     return Trainer(cfg, run_dir, env, stream, len(COUNTS), COUNTS, lambda: iter(MemoryStream(32, 8)),
                    records.append)
@@ -104,3 +104,20 @@ def test_epochs_validate_checkpoint_and_resume_at_epoch_end(env, tmp_path, grad_
 
 def _trainer_weights(run_dir):
     return torch.load(run_dir / "weights" / "final.pt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_bf16_exports_fp32_master_weights(env, tmp_path, zero_stage):
+    records: list = []
+    trainer = _trainer(tmp_path / "bf16", env, records, 1,
+                       ["trainer.precision=bf16", "trainer.epochs=1", f"deepspeed.zero_stage={zero_stage}"])
+    trainer.fit()
+    module = dict(trainer.model.named_parameters())
+    assert all(p.dtype == torch.bfloat16 for p in module.values())
+    exported = _trainer_weights(tmp_path / "bf16")
+    conv = exported["backbone.conv1.weight"]
+    assert conv.dtype == torch.float32
+    # the export holds the optimizer's fp32 master copy: close to the bf16 module weights, with the
+    # mantissa bits that bf16 drops (a bf16-rounded export would equal its own rounding)
+    torch.testing.assert_close(conv.to(torch.bfloat16), module["backbone.conv1.weight"].detach(), rtol=1e-2, atol=1e-2)
+    assert not torch.equal(conv.to(torch.bfloat16).float(), conv)

@@ -17,6 +17,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from deepspeed.utils import safe_get_full_fp32_param
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -190,6 +191,25 @@ class Trainer:
         self.sink.write({"stage": "train", "event": "val", "step": self.step, "epoch": self.epoch,
                          **{f"val_{k}": v for k, v in accuracy.items()}}, self.step)
 
+    def _fp32_master_weights(self) -> dict[str, torch.Tensor]:
+        """The optimizer's fp32 copies of bf16/fp16 parameters, gathered over ranks (a collective);
+        empty in fp32, where the module's parameters are the master weights."""
+        if self.dtype == torch.float32:
+            return {}
+        # ZeRO 1/2 map each parameter to its fp32 shard (_hp_mapping); ZeRO 0 keeps aligned fp32 groups.
+        unfused = {id(p16): p32 for g16, g32 in zip(getattr(self.optimizer, "fp16_groups", []),
+                                                    getattr(self.optimizer, "fp32_groups", []))
+                   for p16, p32 in zip(g16, g32)}
+        master = {}
+        for name, param in self.model.named_parameters():
+            full = safe_get_full_fp32_param(param)
+            if full is None:
+                full = unfused.get(id(param))
+            if full is None:
+                raise RuntimeError(f"no fp32 master copy of {name} in {type(self.optimizer).__name__}")
+            master[name] = full.detach().float().cpu()
+        return master
+
     # ---- the loop ----------------------------------------------------------------------------------
     def fit(self) -> LongTailModel:
         """Resume from the newest verified checkpoint, train to the end, export ``weights/final.pt``."""
@@ -248,8 +268,9 @@ class Trainer:
             self._validate()
         if self.step != self._last_saved_step:
             self.save()
+        master = self._fp32_master_weights()
         if self.env.is_main:
-            export_model(self.model, self.run_dir / "weights" / "final.pt")
+            export_model(self.model, self.run_dir / "weights" / "final.pt", master)
         ckpt.barrier()
         self.sink.close()
         return self.model

@@ -85,12 +85,15 @@ def build_model(arch: str, num_classes: int, channels: int, classifier: str = "c
     return LongTailModel(backbone, head, feature_dim, spec)
 
 
-def export_model(model: LongTailModel, path: str | os.PathLike) -> Path:
-    """Write plain fp32 CPU weights plus the build arguments atomically (temp file, fsync, rename)."""
+def export_model(model: LongTailModel, path: str | os.PathLike, overrides: dict | None = None) -> Path:
+    """Write plain fp32 CPU weights plus the build arguments atomically (temp file, fsync, rename).
+
+    ``overrides`` replaces entries of the model's state dict (e.g. the fp32 master weights of a bf16 run).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
-             for k, v in model.state_dict().items()}
+             for k, v in {**model.state_dict(), **(overrides or {})}.items()}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save({"format": EXPORT_FORMAT, "spec": model.spec, "feature_dim": model.feature_dim,
