@@ -35,6 +35,7 @@ BAD_CONFIGS = [
     (["sampling.power=1.5"], "sampling.power", "[0, 1]"),
     (["optim.momentum=1.0"], "optim.momentum", "[0, 1)"),
     (["model.arch=resnet9000"], "model.arch", "must be one of"),
+    (["model.arch=timm:not_installed_lib_check"], "model.arch", "needs the package 'timm'"),
     (["trainer.precision=fp8"], "trainer.precision", "must be one of"),
     (["deepspeed.zero_stage=3"], "deepspeed.zero_stage", "must be one of"),
     (["stages=[doctor,trian]"], "stages", "unknown stage 'trian'"),

@@ -72,6 +72,7 @@ class TrainerConfig:
     log_every: int = 20  # steps between metrics.jsonl lines
     checkpoint_every: int = 500  # steps between checkpoints (and at every epoch end)
     max_nonfinite_steps: int = 5  # consecutive non-finite losses that stop the run
+    keep_checkpoints: int = 2  # newest verified checkpoints kept on disk
     progress: bool = True  # tqdm bar on rank 0 when attached to a terminal
 
 
@@ -151,8 +152,8 @@ class OutputConfig:
 @dataclass
 class Config:
     experiment: str = "default"
-    # Stages run in order by every job: doctor, train, extract, kt, evaluate, ...
-    stages: list[str] = field(default_factory=lambda: ["doctor"])
+    # Stages run in order by every job: doctor, train, extract, kt, evaluate.
+    stages: list[str] = field(default_factory=lambda: ["train", "extract", "kt", "evaluate"])
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pkgutil
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ltdist.config.load import ConfigError
+from ltdist.models.resnet_cifar import CIFAR_DEPTHS
+from ltdist.models.resnet_imagenet import IMAGENET_SPECS
 
-ARCHS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-         "resnet50", "resnet101", "resnet152", "resnext50_32x4d")
-# Stage names and the modules that implement them (see ltdist.stages).
-KNOWN_STAGES = ("doctor", "train", "extract", "kt", "evaluate", "mpfa")
+ARCHS = (*CIFAR_DEPTHS, *IMAGENET_SPECS)
+EXTERNAL_BACKBONES = ("timm", "torchvision")  # model.arch=timm:<name> | torchvision:<name>
+# A stage is a module of ltdist.stages (see ltdist/stages/__init__.py).
+KNOWN_STAGES = tuple(sorted(m.name for m in pkgutil.iter_modules(
+    [str(Path(__file__).resolve().parents[1] / "stages")])))
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
@@ -66,7 +72,14 @@ def validate_config(cfg: DictConfig) -> None:
                                               and all(isinstance(c, int) and c >= 0 for c in excl))):
         problems.append(f"data.exclude_from_training: must be null, 'few' or a list of class ids ≥ 0, got {excl!r}")
 
-    one_of("model.arch", ARCHS)
+    arch = cfg.model.arch
+    library = arch.split(":", 1)[0] if ":" in arch else None
+    if library in EXTERNAL_BACKBONES:
+        if importlib.util.find_spec(library) is None:
+            problems.append(f"model.arch: {arch!r} needs the package {library!r}, which is not installed")
+    elif arch not in ARCHS:
+        problems.append(f"model.arch: must be one of {', '.join(ARCHS)}, timm:<name> or torchvision:<name>, "
+                        f"got {arch!r}")
     one_of("model.classifier", ("cosine", "linear"))
     check("model.scale_init", positive, "must be > 0")
 
@@ -90,6 +103,7 @@ def validate_config(cfg: DictConfig) -> None:
     check("trainer.log_every", at_least_one, "must be ≥ 1")
     check("trainer.checkpoint_every", at_least_one, "must be ≥ 1")
     check("trainer.max_nonfinite_steps", at_least_one, "must be ≥ 1")
+    check("trainer.keep_checkpoints", at_least_one, "must be ≥ 1")
     world = world_size_of(cfg)
     batch, accum = cfg.trainer.batch_size, cfg.trainer.grad_accum
     if batch >= 1 and accum >= 1 and world >= 1 and batch % (world * accum) != 0:

@@ -40,7 +40,8 @@ def build_trainer(ctx: StageContext, on_batch: Callable | None = None, loss_hook
                              image_size=cfg.data.image_size, channels=cfg.data.channels)
 
     return Trainer(cfg, ctx.run_dir, env, stream, index.num_classes, index.train_counts, val_batches,
-                   ctx.append_metrics, on_batch=on_batch, loss_hook=loss_hook)
+                   ctx.append_metrics, on_batch=on_batch, loss_hook=loss_hook,
+                   keep_checkpoints=cfg.trainer.keep_checkpoints)
 
 
 def run(ctx: StageContext) -> None:
