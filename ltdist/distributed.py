@@ -94,6 +94,12 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
                    hostname=socket.gethostname(), **info)
 
 
+def barrier() -> None:
+    """All ranks meet here; a no-op without a process group or with a single rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

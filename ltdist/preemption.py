@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from ltdist.distributed import barrier
+
 log = logging.getLogger(__name__)
 
 _state: dict = {"requested": False, "submitit_handler": None}
@@ -69,8 +71,7 @@ def requeue_and_exit(rank: int, sig: signal.Signals = signal.SIGUSR2) -> None:
     such as tests see a clean stop with the state on disk.
     """
     handler: Callable | None = _state["submitit_handler"]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    barrier()
     if not callable(handler):
         raise Preempted(1)
     if rank == 0:

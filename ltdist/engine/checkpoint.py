@@ -19,6 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ltdist.distributed import barrier
+from ltdist.fileio import write_atomic
+
 COMMIT_FILE = "commit.json"
 
 
@@ -41,26 +44,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def save_checkpoint(engine, root: Path, step: int, client_state: dict, rank_state: dict, rank: int,
@@ -73,7 +62,7 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, rank_stat
         shutil.rmtree(directory)
     barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    _write_atomic(directory / f"ltdist_rank{rank}.pt", lambda f: torch.save(rank_state, f))
+    write_atomic(directory / f"ltdist_rank{rank}.pt", lambda f: torch.save(rank_state, f))
     barrier()  # every rank's files are complete
     if rank == 0:
         files = {str(p.relative_to(directory)): p.stat().st_size
@@ -83,7 +72,7 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, rank_stat
         if missing:
             raise RuntimeError(f"checkpoint {directory}: ranks {missing} wrote no state; not committing")
         marker = {"step": step, "world_size": world, "files": files}
-        _write_atomic(directory / COMMIT_FILE, lambda f: f.write(json.dumps(marker, indent=1).encode()))
+        write_atomic(directory / COMMIT_FILE, lambda f: f.write(json.dumps(marker, indent=1).encode()))
         _fsync_dir(directory)
         _prune(root, keep)
     barrier()

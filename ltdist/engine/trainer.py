@@ -21,7 +21,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ltdist.distributed import DistEnv
+from ltdist.distributed import DistEnv, barrier
 from ltdist.engine import checkpoint as ckpt
 from ltdist.engine import requeue_log
 from ltdist.engine.ds_config import build_deepspeed_config, effective_lr, plan_batches
@@ -216,7 +216,7 @@ class Trainer:
         self._resume()
         start_step = self.step
         started_as_requeue = requeue_log.is_requeue(requeue_log.read_events(self.ckpt_root))
-        ckpt.barrier()  # everyone has read the log before rank 0 appends to it
+        barrier()  # everyone has read the log before rank 0 appends to it
         if self.env.is_main:
             requeue_log.append_event(self.ckpt_root, "start", self.step)
             self.sink.write({"stage": "train", "event": "config", "global_batch": self.plan.global_batch,
@@ -271,6 +271,6 @@ class Trainer:
         master = self._fp32_master_weights()
         if self.env.is_main:
             export_model(self.model, self.run_dir / "weights" / "final.pt", master)
-        ckpt.barrier()
+        barrier()
         self.sink.close()
         return self.model

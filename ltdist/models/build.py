@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ltdist.fileio import torch_save_atomic
 from ltdist.models.classifiers import CosineClassifier, LinearClassifier
 from ltdist.models.resnet_cifar import CIFAR_DEPTHS, CifarResNet
 from ltdist.models.resnet_imagenet import IMAGENET_SPECS, ImageNetResNet
@@ -90,18 +91,10 @@ def export_model(model: LongTailModel, path: str | os.PathLike, overrides: dict 
 
     ``overrides`` replaces entries of the model's state dict (e.g. the fp32 master weights of a bf16 run).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
              for k, v in {**model.state_dict(), **(overrides or {})}.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": EXPORT_FORMAT, "spec": model.spec, "feature_dim": model.feature_dim,
-                    "state_dict": state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return torch_save_atomic({"format": EXPORT_FORMAT, "spec": model.spec, "feature_dim": model.feature_dim,
+                              "state_dict": state}, path)
 
 
 def load_exported_model(path: str | os.PathLike) -> LongTailModel:

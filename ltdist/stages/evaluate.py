@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from ltdist.distributed import barrier
 from ltdist.evaluate import (
     TableSection,
     class_groups,
@@ -136,5 +136,4 @@ def run(ctx: StageContext) -> None:
                                     out_dir=ctx.run_dir, many_threshold=cfg.evaluate.many_threshold,
                                     few_threshold=cfg.evaluate.few_threshold, device=ctx.dist.device)
         print(f"{printed}\n\nreport: {path}", flush=True)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()

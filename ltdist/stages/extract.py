@@ -11,12 +11,12 @@ skipped, so a requeued job does not redo finished splits.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from ltdist.distributed import barrier
+from ltdist.fileio import torch_save_atomic
 from ltdist.stages import StageContext
 
 log = logging.getLogger(__name__)
@@ -31,13 +31,6 @@ def features_path(run_dir: Path, split: str) -> Path:
 def model_path(run_dir: Path) -> Path:
     """The train stage's export (``ltdist.models.export_model``)."""
     return run_dir / "weights" / "final.pt"
-
-
-def _save_atomic(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_features(run_dir: Path, split: str) -> dict:
@@ -74,11 +67,6 @@ def embed_split(model: torch.nn.Module, batches, device: torch.device) -> dict:
     return {"features": torch.cat(features), "labels": torch.cat(labels), "keys": keys}
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def run(ctx: StageContext) -> None:
     from ltdist.data import ensure_shards, iterate_split, read_index
     from ltdist.models import load_exported_model
@@ -99,14 +87,14 @@ def run(ctx: StageContext) -> None:
                                 channels=cfg.data.channels, num_workers=cfg.data.num_workers)
         shard = embed_split(model, batches, env.device)
         shard_path = merged.with_name(f"{split}.rank{env.rank}.pt")
-        _save_atomic(shard, shard_path)
-        _barrier()
+        torch_save_atomic(shard, shard_path)
+        barrier()
         if env.is_main:
             paths = [merged.with_name(f"{split}.rank{r}.pt") for r in range(env.world_size)]
             result = merge_feature_shards([torch.load(p, weights_only=True) for p in paths])
-            _save_atomic(result, merged)
+            torch_save_atomic(result, merged)
             for p in paths:
                 p.unlink()
             log.info("extract: %s: %d samples, %d features each", split, len(result["keys"]),
                      result["features"].shape[1])
-        _barrier()
+        barrier()

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from ltdist.distributed import barrier
+from ltdist.fileio import torch_save_atomic
 from ltdist.methods.kt import KTClassifiers, build_kt_classifiers, class_prototypes, excluded_classes
 from ltdist.stages import StageContext
 from ltdist.stages.extract import load_features, model_path
@@ -83,16 +83,11 @@ def run(ctx: StageContext) -> None:
             head, train, source, ks=list(cfg.method.kt.ks), tau=cfg.method.kt.tau,
             exclude=cfg.data.exclude_from_training, few_threshold=cfg.evaluate.few_threshold,
             linear_scale=cfg.model.scale_init, device=ctx.dist.device)
-        path = classifiers_path(ctx.run_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(kt.state_dict(), tmp)
-        os.replace(tmp, path)
+        torch_save_atomic(kt.state_dict(), classifiers_path(ctx.run_dir))
         untrained = (kt.backbone_counts == 0).nonzero().flatten().tolist()
         summary = {"stage": "kt", "ks": kt.ks, "tau": kt.tau, "scale": kt.scale,
                    "prototypes_from": cfg.method.kt.prototypes_from, "untrained_classes": untrained,
                    "prototype_weight_cosine": F.cosine_similarity(kt.prototypes, kt.weights, dim=1).tolist()}
         ctx.append_metrics(summary)
         log.info("kt: %s", json.dumps({k: v for k, v in summary.items() if k != "prototype_weight_cosine"}))
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    barrier()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ltdist.engine.checkpoint import barrier
+from ltdist.distributed import barrier
 from ltdist.engine.ds_config import plan_batches
 from ltdist.engine.trainer import Trainer
 from ltdist.methods.kt import excluded_classes
