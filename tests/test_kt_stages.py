@@ -5,39 +5,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from stage_fixtures import FEATURE_DIM, TRAIN_COUNTS, stage_context
+from stage_fixtures import make_run_dir as _make_run_dir
 
-from ltdist.config import load_config
-from ltdist.distributed import DistEnv
-from ltdist.models import build_model, export_model
-from ltdist.stages import StageContext
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import kt as kt_stage
 from ltdist.stages.extract import features_path
 from ltdist.stages.kt import load_kt_classifiers
-
-TRAIN_COUNTS = [300, 150, 60, 25, 8, 3]  # many: 0-1, medium: 2-3, few: 4-5 (thresholds 100 / 20)
-FEATURE_DIM = 64  # resnet20's
-
-
-def _split(centres, counts, gen):
-    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
-    features = 6 * centres[labels] + torch.randn(len(labels), centres.shape[1], generator=gen)
-    return {"features": features, "labels": labels, "keys": [f"s{i:05d}" for i in range(len(labels))]}
-
-
-def _make_run_dir(tmp_path, classifier="cosine"):
-    gen = torch.Generator().manual_seed(0)
-    centres = F.normalize(torch.randn(len(TRAIN_COUNTS), FEATURE_DIM, generator=gen), dim=1)
-    for split, counts in {"train": TRAIN_COUNTS, "val": [4] * 6, "test": [40] * 6}.items():
-        path = features_path(tmp_path, split)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(_split(centres, counts, gen), path)
-    model = build_model("resnet20", num_classes=6, channels=1, classifier=classifier)
-    with torch.no_grad():  # a head biased towards the classes it saw most: rare rows are noisy
-        noise = torch.randn(6, FEATURE_DIM, generator=gen) * torch.tensor([0.1, 0.1, 0.5, 1.0, 2.0, 3.0])[:, None]
-        model.classifier.weight.copy_(centres + noise / FEATURE_DIM**0.5)
-    export_model(model, tmp_path / "weights" / "final.pt")
-    return tmp_path
 
 
 @pytest.fixture
@@ -46,10 +20,7 @@ def run_dir(tmp_path):
 
 
 def _context(run_dir, *overrides):
-    cfg = load_config(overrides=["stages=[kt,evaluate]", "data.name=synthetic", *overrides])
-    env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, master_addr="127.0.0.1",
-                  master_port=0, backend="gloo", device=torch.device("cpu"), hostname="localhost")
-    return StageContext(cfg=cfg, run_dir=run_dir, dist=env)
+    return stage_context(run_dir, "stages=[kt,evaluate]", *overrides)
 
 
 def _direct_accuracy(vectors, test, scale=16.0):
@@ -118,7 +89,7 @@ def test_prototypes_from_val_and_missing_inputs(run_dir, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(FileNotFoundError, match="train stage"):
         kt_stage.run(_context(empty))
-    with pytest.raises(FileNotFoundError, match="run the kt stage first"):
+    with pytest.raises(FileNotFoundError, match="holds no classifier: run the kt stage first"):
         evaluate_stage.run(_context(empty))
 
 

@@ -1,10 +1,12 @@
-"""The ``evaluate`` stage: every KT-derived classifier on the test features, by class group.
+"""The ``evaluate`` stage: every classifier in ``classifiers/`` on the test features, by class group.
 
-Rank 0 scores ``features/test.pt`` with the learned classifier (cosine, or the dot-product baseline),
-prototypes, prototypes + classifier, w_h(k) for each k, their ensemble (eq. 8) and the continual
-classifiers w_hc(k) with their ensemble (paper 1 Table 2: prototypes and w_hc(k) for every k but the
-smallest). It writes ``report.json``, ``per_class_accuracy.json``, ``report.md`` and ``plots/*.png``
-(:mod:`ltdist.evaluate`) and prints the tables and the report path.
+Rank 0 scores ``features/test.pt`` with the KT file's classifiers when ``classifiers/kt.pt`` exists —
+the learned classifier (cosine, or the dot-product baseline), prototypes, prototypes + classifier,
+w_h(k) for each k, their ensemble (eq. 8) and the continual classifiers w_hc(k) with their ensemble
+(paper 1 Table 2: prototypes and w_hc(k) for every k but the smallest) — and every row of every other
+stage-2 file (:class:`ltdist.methods.classifier_set.ClassifierSet`: crt, tau_norm, mpfa, ...). It
+writes ``report.json``, ``per_class_accuracy.json``, ``report.md`` and ``plots/*.png`` (:mod:`ltdist.evaluate`)
+and prints the tables and the report path.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from ltdist.evaluate import (
     plot_per_class_accuracy,
     write_report,
 )
+from ltdist.methods.classifier_set import KT_FILE, ClassifierSet, LinearScorer, load_classifier_sets
 from ltdist.methods.kt import KTClassifiers, cosine_probabilities
 from ltdist.stages import StageContext
 from ltdist.stages.extract import load_features
-from ltdist.stages.kt import load_kt_classifiers
+from ltdist.stages.kt import classifiers_path, load_kt_classifiers
 
 CHUNK = 4096  # test samples scored at once: bounds memory to CHUNK × C probabilities per classifier
 
@@ -59,13 +62,13 @@ def table_labels(kt: KTClassifiers) -> dict[str, str]:
     return labels
 
 
-def _scores(kt: KTClassifiers, features: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, [B, C] scores) of every classifier, in the order of :func:`classifier_names`."""
+def _kt_probabilities(kt: KTClassifiers, features: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, [B, C] probabilities) of every KT-file classifier, in the order of :func:`classifier_names`."""
     base = classifier_names(kt)[0][0]
     if kt.classifier_type == "cosine":
         yield base, cosine_probabilities(features, kt.weights, kt.scale)
     else:
-        yield base, features @ kt.weights.T + kt.bias
+        yield base, torch.softmax(features @ kt.weights.T + kt.bias, dim=1)
     trained = (kt.backbone_counts > 0).float()[:, None]
     # An untrained class has no learned weight: its "prototypes + classifier" row is its prototype.
     vectors = {"prototypes": kt.prototypes,
@@ -78,62 +81,138 @@ def _scores(kt: KTClassifiers, features: torch.Tensor) -> Iterator[tuple[str, to
     yield from probs.items()
 
 
-def predict(kt: KTClassifiers, features: torch.Tensor,
-            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Top-1 class ids [N] (CPU) of every classifier on ``features`` [N, F], scored in chunks on ``device``."""
-    kt = KTClassifiers(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kt.state_dict().items()})
+def _set_probabilities(sets: dict[str, ClassifierSet], known: dict[str, torch.Tensor],
+                       features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Probabilities of every row of every set; ensemble members "<file>/<row>" are looked up in ``known``
+    (keys "<file>/<row>", e.g. "kt/ensemble") and in the sets' own rows."""
+    probs: dict[str, torch.Tensor] = {}
+    for method, result in sets.items():
+        for name, scorer in result.rows.items():
+            probs[f"{method}/{name}"] = torch.softmax(scorer.scores(features), dim=1)
+    for method, result in sets.items():
+        for name, members in result.ensembles.items():
+            refs = [m if "/" in m else f"{method}/{m}" for m in members]
+            missing = [r for r in refs if r not in probs and r not in known]
+            if missing:
+                raise FileNotFoundError(f"evaluate: ensemble {name!r} of {method} needs {missing}: run the stage "
+                                        f"that writes classifiers/{missing[0].split('/')[0]}.pt first")
+            probs[f"{method}/{name}"] = torch.stack([probs.get(r, known.get(r)) for r in refs]).mean(dim=0)
+    return probs
+
+
+def predict_all(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], features: torch.Tensor,
+                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Top-1 class ids [N] (CPU) of every classifier, scored in chunks on ``device``.
+
+    Keys: the KT file's classifier names as they are ("cosine", "ensemble", ...), then every row of the
+    other classifier files by its own row name. Two files may not use the same row name.
+    """
+    if kt is not None:
+        kt = KTClassifiers(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                              for k, v in kt.state_dict().items()})
     predictions: dict[str, list[torch.Tensor]] = {}
     for start in range(0, features.shape[0], CHUNK):
-        for name, scores in _scores(kt, features[start:start + CHUNK].to(device)):
-            predictions.setdefault(name, []).append(scores.argmax(dim=1).cpu())
-    return {name: torch.cat(parts) for name, parts in predictions.items()}
+        chunk = features[start:start + CHUNK].to(device)
+        known = {f"{KT_FILE}/{name}": p for name, p in _kt_probabilities(kt, chunk)} if kt is not None else {}
+        probs = {**known, **_set_probabilities(sets, known, chunk)}
+        for ref, p in probs.items():
+            predictions.setdefault(ref, []).append(p.argmax(dim=1).cpu())
+    by_name: dict[str, torch.Tensor] = {}
+    for ref, parts in predictions.items():
+        name = ref.split("/", 1)[1]
+        if name in by_name:
+            raise ValueError(f"evaluate: two classifier files report a row named {name!r}")
+        by_name[name] = torch.cat(parts)
+    return by_name
 
 
-def evaluate_kt(kt: KTClassifiers, test: dict, *, dataset: str, out_dir: Path, many_threshold: int,
-                few_threshold: int, device: torch.device | str = "cpu") -> tuple[Path, str]:
-    """Score, write the report files and plots into ``out_dir``; return (report.md path, printed tables)."""
-    num_classes = kt.weights.shape[0]
-    counts = kt.train_counts.tolist()
-    groups = class_groups(counts, many_threshold, few_threshold)
-    predictions = predict(kt, test["features"], device)
+def predict(kt: KTClassifiers, features: torch.Tensor,
+            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Top-1 class ids [N] (CPU) of every KT-file classifier on ``features`` [N, F]."""
+    return predict_all(kt, {}, features, device)
+
+
+def head_classifier_set(run_dir: Path) -> ClassifierSet:
+    """The stage-1 head alone, for runs without a KT file: one row "cosine" or "dot product"."""
+    from ltdist.models import load_exported_model
+    from ltdist.stages.extract import model_path
+
+    head = load_exported_model(model_path(run_dir)).classifier
+    if hasattr(head, "scale"):
+        return ClassifierSet("head", {"cosine": LinearScorer("cosine", head.weight.detach(),
+                                                             scale=float(head.scale.detach()))})
+    return ClassifierSet("head", {"dot product": LinearScorer("linear", head.weight.detach(), head.bias.detach())})
+
+
+def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test: dict, train_counts: list[int], *,
+                 dataset: str, out_dir: Path, many_threshold: int, few_threshold: int,
+                 device: torch.device | str = "cpu") -> tuple[Path, str]:
+    """Score every classifier, write the report files and plots into ``out_dir``; return (report.md, tables)."""
+    num_classes = len(train_counts)
+    groups = class_groups(train_counts, many_threshold, few_threshold)
+    predictions = predict_all(kt, sets, test["features"], device)
     labels = test["labels"]
     results = {n: group_accuracy(p, labels, groups, num_classes) for n, p in predictions.items()}
     per_class = {n: per_class_accuracy(p, labels, num_classes).tolist() for n, p in predictions.items()}
 
-    main, continual = classifier_names(kt)
-    row_labels = table_labels(kt)
-    untrained = (kt.backbone_counts == 0).nonzero().flatten().tolist()
-    setting = f"Classes {untrained} excluded" if untrained else "Full training"
-    tables = {"KT classifiers (paper 1 Table 1 layout)": [TableSection(setting, main)],
-              "Continual classifiers w_hc (paper 1 Table 2 layout)": [TableSection(setting, continual)]}
+    tables: dict[str, list[TableSection]] = {}
     notes = [f"top-1 (%) on the test split ({labels.numel()} samples); many-shot n > {many_threshold}, "
              f"few-shot n < {few_threshold} training samples, medium otherwise; group = mean per-class "
-             f"accuracy, Total = all test samples",
-             f"KT: τ = {kt.tau:g}, k ∈ {kt.ks}, softmax scale s = {kt.scale:.3g} ({kt.classifier_type} head)"]
-    if untrained:
-        notes.append(f"classes {untrained} were withheld from backbone training: the learned classifier's rows "
-                     f"for them are untrained, every other classifier uses their prototypes only")
-        notes.append("in the Table 1 layout those classes get w_hc(k) (2 unit terms) while the others get w_h(k) "
-                     "(3 terms, including ŵ, which lies farther from the features than p̂): the mix favours the "
-                     "withheld classes; the Table 2 layout (w_hc for every class, paper 1 §4.3) is the comparable one")
+             f"accuracy, Total = all test samples"]
+    row_labels: dict[str, str] = {}
+    untrained: list[int] = []
+    if kt is not None:
+        main, continual = classifier_names(kt)
+        row_labels = table_labels(kt)
+        untrained = (kt.backbone_counts == 0).nonzero().flatten().tolist()
+        setting = f"Classes {untrained} excluded" if untrained else "Full training"
+        tables["KT classifiers (paper 1 Table 1 layout)"] = [TableSection(setting, main)]
+        tables["Continual classifiers w_hc (paper 1 Table 2 layout)"] = [TableSection(setting, continual)]
+        notes.append(f"KT: τ = {kt.tau:g}, k ∈ {kt.ks}, softmax scale s = {kt.scale:.3g} ({kt.classifier_type} head)")
+        if untrained:
+            notes.append(f"classes {untrained} were withheld from backbone training: the learned classifier's "
+                         f"rows for them are untrained, every other classifier uses their prototypes only")
+            notes.append("in the Table 1 layout those classes get w_hc(k) (2 unit terms) while the others get "
+                         "w_h(k) (3 terms, including ŵ, which lies farther from the features than p̂): the mix "
+                         "favours the withheld classes; the Table 2 layout (w_hc for every class, paper 1 §4.3) "
+                         "is the comparable one")
+    if sets:
+        base = [classifier_names(kt)[0][0]] if kt is not None else []
+        rows = base + [name for result in sets.values() for name in (*result.rows, *result.ensembles)]
+        tables["Classifiers on the frozen backbone"] = [TableSection("Stage 2", rows)]
+        notes += [f"{result.method}: {note}" for result in sets.values() for note in result.notes]
     plot_dir = out_dir / "plots"
-    shown = [main[0], "prototypes", "prototypes + classifier", "ensemble", "continual ensemble"]
-    plots = [plot_per_class_accuracy(plot_dir / "per_class_accuracy.png", counts,
+    shown = [n for n in (*(classifier_names(kt)[0][:3] if kt is not None else ()), "ensemble",
+                         "continual ensemble", *(n for r in sets.values() for n in (*r.rows, *r.ensembles)))
+             if n in per_class][:8]
+    plots = [plot_per_class_accuracy(plot_dir / "per_class_accuracy.png", train_counts,
                                      {n: per_class[n] for n in shown}, many_threshold, few_threshold),
              plot_group_bars(plot_dir / "group_accuracy.png", results)]
     path = write_report(out_dir, dataset=dataset, groups=groups, results=results, per_class=per_class,
-                        train_counts=counts, tables=tables, notes=notes, plots=plots, labels=row_labels)
+                        train_counts=train_counts, tables=tables, notes=notes, plots=plots, labels=row_labels)
     printed = "\n\n".join(f"{title}\n{format_table(results, sections, row_labels)}"
-                          for title, sections in tables.items())
+                           for title, sections in tables.items())
     return path, printed
 
 
 def run(ctx: StageContext) -> None:
     cfg = ctx.cfg
     if ctx.dist.is_main:
-        kt = load_kt_classifiers(ctx.run_dir)
-        path, printed = evaluate_kt(kt, load_features(ctx.run_dir, "test"), dataset=cfg.data.name,
-                                    out_dir=ctx.run_dir, many_threshold=cfg.evaluate.many_threshold,
-                                    few_threshold=cfg.evaluate.few_threshold, device=ctx.dist.device)
+        kt = load_kt_classifiers(ctx.run_dir) if classifiers_path(ctx.run_dir).is_file() else None
+        sets = load_classifier_sets(ctx.run_dir)
+        if kt is None and not sets:
+            raise FileNotFoundError(f"{ctx.run_dir / 'classifiers'} holds no classifier: run the kt stage first "
+                                    f"(or another stage-2 stage: stages=[kt,evaluate])")
+        if kt is None:
+            sets = {"head": head_classifier_set(ctx.run_dir), **sets}
+        test = load_features(ctx.run_dir, "test")
+        if kt is not None:
+            counts = kt.train_counts.tolist()
+        else:
+            num_classes = next(iter(sets.values())).num_classes
+            counts = torch.bincount(load_features(ctx.run_dir, "train")["labels"], minlength=num_classes).tolist()
+        path, printed = evaluate_run(kt, sets, test, counts, dataset=cfg.data.name, out_dir=ctx.run_dir,
+                                     many_threshold=cfg.evaluate.many_threshold,
+                                     few_threshold=cfg.evaluate.few_threshold, device=ctx.dist.device)
         print(f"{printed}\n\nreport: {path}", flush=True)
     barrier()
