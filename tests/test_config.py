@@ -26,6 +26,8 @@ BAD_CONFIGS = [
     (["optim.lr=-0.1"], "optim.lr", "> 0"),
     (["method.kt.tau=0"], "method.kt.tau", "> 0"),
     (["method.mpcl.tau=-1"], "method.mpcl.tau", "> 0"),
+    (["method.loss=mpc"], "method.loss", "must be one of"),
+    (["method.loss=mpcl", "method.mpcl.meta_inner=head"], "method.mpcl.meta_inner", "identically zero"),
     (["method.kt.ks=[100,20,0]"], "method.kt.ks", "increasing"),
     (["method.kt.ks=[-5,20]"], "method.kt.ks", "non-negative"),
     (["method.kt.ks=[0,20,20]"], "method.kt.ks", "increasing"),

@@ -84,14 +84,24 @@ class KTConfig:
 
 
 @dataclass
+class LogitAdjustedConfig:
+    tau: float = 1.0  # τ of the logit-adjusted loss: logits + τ·log π_j (1.0 = balanced softmax)
+
+
+@dataclass
 class MPCLConfig:
     lam: float = 0.5  # weight λ of the prototype contrastive loss
-    tau: float = 0.07
+    tau: float = 0.07  # temperature of the prototype contrastive loss
     momentum: float = 0.999  # EMA momentum m of the class prototypes
-    warmup_epochs: int = 5  # CE-only epochs before L_PC is switched on
-    meta_inner: str = "head"  # head | all: what the virtual SGD step covers
-    meta_lr: float = 1e-3
+    warmup_epochs: int = 5  # CE-only epochs before L_PC is switched on (prototypes are updated throughout)
+    meta_network: bool = True  # false: CE + L_PC with the empirical EMA prototypes (no meta step)
+    meta_inner: str = "last_stage"  # last_stage | all: parameters of the virtual SGD step
+    meta_lr: float = 1e-3  # Adam learning rate of the meta-network Θ
+    meta_hidden: int = 256  # hidden width of the meta-network
+    meta_interval: int = 1  # optimizer steps between meta steps
+    meta_source: str = "val"  # val | train: where the balanced meta set comes from (never test)
     meta_per_class: int = 10  # images per class in the balanced meta set
+    meta_batch_size: int = 0  # images per meta batch and rank; 0 = the per-rank micro-batch
 
 
 @dataclass
@@ -106,7 +116,10 @@ class MPFAConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "kt"  # kt | mpdt
+    # Stage-1 training objective: ce | balanced_softmax | logit_adjusted | mpcl (ltdist.methods.objectives).
+    # Stage-2 methods are stages (kt, mpfa, crt, ...) listed in `stages`.
+    loss: str = "ce"
+    logit_adjusted: LogitAdjustedConfig = field(default_factory=LogitAdjustedConfig)
     kt: KTConfig = field(default_factory=KTConfig)
     mpcl: MPCLConfig = field(default_factory=MPCLConfig)
     mpfa: MPFAConfig = field(default_factory=MPFAConfig)

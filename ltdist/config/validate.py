@@ -12,6 +12,9 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ltdist.config.load import ConfigError
+from ltdist.data.meta_set import META_SOURCES
+from ltdist.methods.objectives import OBJECTIVES
+from ltdist.methods.objectives.meta_step import META_INNER, META_INNER_ZERO_GRADIENT
 from ltdist.models.resnet_cifar import CIFAR_DEPTHS
 from ltdist.models.resnet_imagenet import IMAGENET_SPECS
 
@@ -110,19 +113,34 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(f"trainer.batch_size: global batch {batch} is not divisible by world size {world} "
                         f"× trainer.grad_accum {accum}")
 
-    one_of("method.name", ("kt", "mpdt"))
+    one_of("method.loss", OBJECTIVES)
+    check("method.logit_adjusted.tau", non_negative, "must be ≥ 0")
     ks = list(cfg.method.kt.ks)
     if not ks or any(k < 0 for k in ks) or ks != sorted(set(ks)):
         problems.append(f"method.kt.ks: thresholds must be non-negative, strictly increasing, non-empty, got {ks}")
     check("method.kt.tau", positive, "temperature τ must be > 0")
     one_of("method.kt.prototypes_from", ("train", "val"))
+    mpcl = cfg.method.mpcl
     check("method.mpcl.lam", non_negative, "must be ≥ 0")
     check("method.mpcl.tau", positive, "temperature τ must be > 0")
     check("method.mpcl.momentum", lambda v: v is not None and 0 <= v < 1, "must be in [0, 1)")
     check("method.mpcl.warmup_epochs", non_negative, "must be ≥ 0")
-    one_of("method.mpcl.meta_inner", ("head", "all"))
+    if mpcl.meta_inner in META_INNER_ZERO_GRADIENT:
+        problems.append(f"method.mpcl.meta_inner: {mpcl.meta_inner!r}: {META_INNER_ZERO_GRADIENT[mpcl.meta_inner]}")
+    else:
+        one_of("method.mpcl.meta_inner", META_INNER)
+    if cfg.method.loss == "mpcl" and mpcl.meta_network and mpcl.lam == 0:
+        problems.append("method.mpcl.lam: λ = 0 removes L_PC, the only term where the meta-network enters: its "
+                        "meta-gradient is identically zero (set method.mpcl.meta_network=false for plain CE)")
     check("method.mpcl.meta_lr", positive, "must be > 0")
+    check("method.mpcl.meta_hidden", at_least_one, "must be ≥ 1")
+    check("method.mpcl.meta_interval", at_least_one, "must be ≥ 1 optimizer step")
+    one_of("method.mpcl.meta_source", META_SOURCES)
     check("method.mpcl.meta_per_class", at_least_one, "must be ≥ 1")
+    check("method.mpcl.meta_batch_size", non_negative, "must be ≥ 0 (0 = the per-rank micro-batch)")
+    if cfg.method.loss == "mpcl" and mpcl.warmup_epochs >= cfg.trainer.epochs:
+        problems.append(f"method.mpcl.warmup_epochs: {mpcl.warmup_epochs} CE-only epochs of "
+                        f"trainer.epochs={cfg.trainer.epochs}: L_PC would never be switched on")
     check("method.mpfa.alpha", unit_interval, "must be in [0, 1]")
     check("method.mpfa.beta", non_negative, "must be ≥ 0")
     check("method.mpfa.neighbours", at_least_one, "must be ≥ 1")
@@ -136,7 +154,7 @@ def validate_config(cfg: DictConfig) -> None:
                         f"({cfg.evaluate.few_threshold} > {cfg.evaluate.many_threshold})")
 
     one_of("deepspeed.zero_stage", (0, 1, 2))
-    if cfg.method.mpcl.meta_inner == "all" and cfg.deepspeed.zero_stage > 2:
+    if mpcl.meta_inner == "all" and cfg.deepspeed.zero_stage > 2:
         problems.append("method.mpcl.meta_inner: 'all' needs deepspeed.zero_stage ≤ 2")
 
     check("launch.nodes", at_least_one, "must be ≥ 1")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import heapq
 import logging
 import random
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class StreamPlan:
     shuffle_buffer: int
     batches_per_epoch: int
     samples_per_epoch: int  # N: expected emissions per epoch over all ranks (= Σ active n_j)
+    exclude_keys: frozenset[str] = frozenset()  # sample keys held out of training (MPCL's meta set)
 
     @property
     def slots(self) -> int:
@@ -70,8 +72,12 @@ class StreamPlan:
 def make_plan(
     index: LongTailIndex, *, batch_size: int, rank: int, world_size: int, num_workers: int, sampling_power: float,
     seed: int, image_size: int, channels: int, shuffle_buffer: int, exclude_classes: Sequence[int] = (),
+    exclude_keys: Mapping[str, int] | None = None,
 ) -> StreamPlan:
-    """Validate the request against the index and build the plan (clear errors for what cannot work)."""
+    """Validate the request against the index and build the plan (clear errors for what cannot work).
+
+    ``exclude_keys``: sample key → label of train samples never to emit; the class counts n_j that the
+    repeat factors use drop by what is excluded."""
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
         raise ValueError(f"bad stream geometry: batch_size={batch_size} rank={rank} world_size={world_size} "
                          f"num_workers={num_workers}")
@@ -91,7 +97,11 @@ def make_plan(
         raise ValueError(f"{len(shards)} train shards in {index.root} but ranks × workers = {world_size} × "
                          f"{workers} = {world_size * workers}; rebuild with a smaller --shard-size or use fewer "
                          "workers")
-    counts = index.train_counts
+    exclude_keys = dict(exclude_keys or {})
+    held_out = Counter(exclude_keys.values())
+    counts = [n - held_out.get(j, 0) for j, n in enumerate(index.train_counts)]
+    if any(n < 0 for n in counts):
+        raise ValueError("exclude_keys holds more samples of a class than the train split has")
     warn_empty_classes(counts, index.classes)
     factors = repeat_factors(counts, sampling_power, exclude_classes)
     total = sum(n for n, r in zip(counts, factors) if r > 0)
@@ -111,5 +121,5 @@ def make_plan(
         num_classes=index.num_classes,
         factors=tuple(float(r) for r in factors), batch_size=batch_size, rank=rank, world_size=world_size,
         num_workers=workers, seed=seed, image_size=image_size, channels=channels, shuffle_buffer=shuffle_buffer,
-        batches_per_epoch=per_rank, samples_per_epoch=total,
+        batches_per_epoch=per_rank, samples_per_epoch=total, exclude_keys=frozenset(exclude_keys),
     )

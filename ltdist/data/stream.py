@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,13 +174,14 @@ def _round_robin(dataset: _EpochDataset, start_batch: int, workers: int) -> Iter
 def build_train_stream(
     index: LongTailIndex | Path, *, batch_size: int, rank: int, world_size: int, num_workers: int,
     sampling_power: float, seed: int, image_size: int, channels: int, shuffle_buffer: int,
-    max_skip_fraction: float, exclude_classes: Sequence[int] = (),
+    max_skip_fraction: float, exclude_classes: Sequence[int] = (), exclude_keys: Mapping[str, int] | None = None,
 ) -> TrainStream:
     """The training stream of one rank. ``batch_size`` is the per-rank micro-batch; ``num_workers``
-    DataLoader processes (0 = in-process); ``sampling_power`` p gives q_j ∝ n_j^p."""
+    DataLoader processes (0 = in-process); ``sampling_power`` p gives q_j ∝ n_j^p; ``exclude_keys``
+    (key → label) are train samples never emitted."""
     if not isinstance(index, LongTailIndex):
         index = read_index(index)
     plan = make_plan(index, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
                      sampling_power=sampling_power, seed=seed, image_size=image_size, channels=channels,
-                     shuffle_buffer=shuffle_buffer, exclude_classes=exclude_classes)
+                     shuffle_buffer=shuffle_buffer, exclude_classes=exclude_classes, exclude_keys=exclude_keys)
     return TrainStream(plan, max_skip_fraction, use_processes=num_workers > 0)

@@ -58,8 +58,10 @@ class WorkerStream:
             path = Path(self.plan.shard_paths[i])
             for sample in read_shard(path, self.plan.shard_samples[i], self.plan.num_classes, self._reasons,
                                      self.skips):
-                valid += 1
                 self.read += 1
+                if sample.key in self.plan.exclude_keys:
+                    continue
+                valid += 1
                 yield sample
             self.read += self._reasons.total() - before
         if valid == 0:

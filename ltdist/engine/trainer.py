@@ -16,11 +16,11 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_fp32_param
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from ltdist.data.meta_set import MetaSet
 from ltdist.distributed import DistEnv, barrier
 from ltdist.engine import checkpoint as ckpt
 from ltdist.engine import requeue_log
@@ -29,6 +29,7 @@ from ltdist.engine.metrics import MetricsSink, StepWindow, validate
 from ltdist.engine.numerics import NonFiniteGuard, nonfinite_parameters
 from ltdist.engine.schedule import lr_at
 from ltdist.evaluate.groups import class_groups
+from ltdist.methods.objectives import build_objective
 from ltdist.models import LongTailModel, build_model, export_model
 from ltdist.preemption import preemption_agreed, requeue_and_exit
 
@@ -56,12 +57,14 @@ class Trainer:
     ``stream``: per-rank micro-batches (``set_epoch``, ``batches_per_epoch``, iteration, state dicts).
     ``val_batches``: returns a fresh iterator over the validation split (this rank's share), or None.
     ``on_batch(step, batch)`` / ``loss_hook(step, loss) -> loss``: observation and fault injection (tests).
+    ``meta_set``: MPCL's balanced meta set, when ``method.loss=mpcl`` uses a meta-network. The loss and any
+    state of the method live in the training objective (``method.loss``, :mod:`ltdist.methods.objectives`).
     """
 
     def __init__(self, cfg: DictConfig, run_dir: Path, env: DistEnv, stream, num_classes: int,
                  train_counts: list[int], val_batches: Callable[[], Iterable] | None,
                  append_metrics: Callable[[dict], None], on_batch: Callable | None = None,
-                 loss_hook: Callable | None = None, keep_checkpoints: int = 2):
+                 loss_hook: Callable | None = None, keep_checkpoints: int = 2, meta_set: MetaSet | None = None):
         self.cfg, self.run_dir, self.env, self.stream = cfg, Path(run_dir), env, stream
         self.val_batches, self.on_batch, self.loss_hook = val_batches, on_batch, loss_hook
         self.keep_checkpoints = keep_checkpoints
@@ -87,6 +90,9 @@ class Trainer:
             for buffer in self.engine.module.buffers():
                 if buffer.is_floating_point():
                     buffer.data = buffer.data.to(self.dtype)
+        self.objective = build_objective(cfg, num_classes=num_classes, feature_dim=model.feature_dim,
+                                         train_counts=train_counts, meta_set=meta_set, rank=env.rank,
+                                         device=env.device, dtype=self.dtype)
         self.steps_per_epoch = stream.batches_per_epoch // self.plan.grad_accum
         if self.steps_per_epoch < 1:
             raise ValueError(f"the data stream has {stream.batches_per_epoch} micro-batches per epoch, fewer than "
@@ -114,6 +120,7 @@ class Trainer:
         client, mine = ckpt.load_checkpoint(self.engine, directory, self.env.rank)
         self.step, self.epoch, self.consumed_in_epoch = client["step"], client["epoch"], client["consumed_in_epoch"]
         self.guard.load_state_dict(client["guard"])
+        self.objective.load_state_dict(client.get("objective", {"name": "ce"}))
         self._stream_state = mine["stream"]
         ckpt.set_rng_state(mine["rng"])
         self._last_saved_step = self.step
@@ -127,7 +134,7 @@ class Trainer:
             where = bad[:5] or "another rank's weights"
             raise RuntimeError(f"refusing to checkpoint step {self.step}: non-finite values in {where}")
         client = {"step": self.step, "epoch": self.epoch, "consumed_in_epoch": self.consumed_in_epoch,
-                  "guard": self.guard.state_dict()}
+                  "guard": self.guard.state_dict(), "objective": self.objective.state_dict()}
         mine = {"stream": self.stream.state_dict() if self.consumed_in_epoch else None, "rng": ckpt.rng_state()}
         ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, mine, self.env.rank,
                              self.keep_checkpoints)
@@ -149,8 +156,10 @@ class Trainer:
         device = self.env.device
         images = batch.images.to(device, self.dtype, non_blocking=True)
         labels = batch.labels.to(device, non_blocking=True)
-        logits = self.engine(images)
-        loss = F.cross_entropy(logits.float(), labels)
+        lr = lr_at(self.step, self.peak_lr, self.total_steps, self.warmup_steps, self.cfg.optim.schedule)
+        self.objective.before_micro_step(self.model, images, labels, step=self.step, epoch=self.epoch, lr=lr)
+        logits, features = self.engine(images, return_features=True)
+        loss = self.objective.loss(features, logits.float(), labels, self.epoch)
         if self.loss_hook is not None:
             loss = self.loss_hook(self.step, loss)
         finite = bool(torch.isfinite(loss))
@@ -167,10 +176,10 @@ class Trainer:
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary:
             for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.step, self.peak_lr, self.total_steps, self.warmup_steps,
-                                    self.cfg.optim.schedule)
+                group["lr"] = lr
         self.engine.backward(loss)
         self.engine.step()
+        self.objective.after_micro_step(features.detach(), labels)
         self.micro_in_window = 0 if boundary else self.micro_in_window + 1
         if boundary:
             self.step += 1
@@ -179,7 +188,8 @@ class Trainer:
         scale = getattr(self.model.classifier, "scale", None)
         record = {"stage": "train", "step": self.step, "epoch": self.epoch,
                   "lr": self.optimizer.param_groups[0]["lr"], **window.summary(),
-                  "scale": float(scale.detach()) if scale is not None else None, "skipped_steps": self.guard.skipped}
+                  "scale": float(scale.detach()) if scale is not None else None, "skipped_steps": self.guard.skipped,
+                  **self.objective.metrics()}
         self.sink.write(record, self.step)
         window.reset()
 
@@ -271,6 +281,7 @@ class Trainer:
         master = self._fp32_master_weights()
         if self.env.is_main:
             export_model(self.model, self.run_dir / "weights" / "final.pt", master)
+            self.objective.export(self.run_dir)
         barrier()
         self.sink.close()
         return self.model

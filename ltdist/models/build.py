@@ -50,7 +50,8 @@ def _backbone(arch: str, channels: int) -> tuple[nn.Module, int]:
 
 
 class LongTailModel(nn.Module):
-    """Backbone + classifier. ``forward(x [B, C, H, W]) -> logits [B, num_classes]``."""
+    """Backbone + classifier. ``forward(x [B, C, H, W]) -> logits [B, num_classes]``; with
+    ``return_features=True`` → (logits, un-normalised features [B, feature_dim]) from one pass."""
 
     def __init__(self, backbone: nn.Module, classifier: nn.Module, feature_dim: int, spec: dict):
         super().__init__()
@@ -63,8 +64,10 @@ class LongTailModel(nn.Module):
         """Un-normalised backbone features [B, feature_dim]."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.backbone(x))
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        features = self.backbone(x)
+        logits = self.classifier(features)
+        return (logits, features) if return_features else logits
 
 
 def build_model(arch: str, num_classes: int, channels: int, classifier: str = "cosine", scale_init: float = 16.0,

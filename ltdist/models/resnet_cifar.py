@@ -45,6 +45,7 @@ class CifarResNet(nn.Module):
                 layers.append(BasicBlock(in_planes, planes, stride if i == 0 else 1))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
+        self.blocks_per_stage = n
         self.feature_dim = 64
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -54,3 +55,10 @@ class CifarResNet(nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = self.layers(x)
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+    def split_last_stage(self) -> tuple[nn.Module, nn.Module]:
+        """(everything before the last 64-channel stage, that stage + pooling): modules sharing this
+        backbone's parameters, composing to ``forward``."""
+        n = self.blocks_per_stage
+        prefix = nn.Sequential(self.conv1, self.bn1, nn.ReLU(), *self.layers[:-n])
+        return prefix, nn.Sequential(*self.layers[-n:], nn.AdaptiveAvgPool2d(1), nn.Flatten(1))

@@ -60,6 +60,7 @@ class ImageNetResNet(nn.Module):
                 stages.append(Bottleneck(in_planes, planes, stride, groups, base_width))
                 in_planes = planes * Bottleneck.expansion
         self.stages = nn.Sequential(*stages)
+        self.last_stage_blocks = blocks[-1]
         self.feature_dim = in_planes
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -68,3 +69,9 @@ class ImageNetResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
         return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
+
+    def split_last_stage(self) -> tuple[nn.Module, nn.Module]:
+        """(stem + stages 1–3, stage 4 + pooling): modules sharing this backbone's parameters."""
+        n = self.last_stage_blocks
+        prefix = nn.Sequential(self.stem, *self.stages[:-n])
+        return prefix, nn.Sequential(*self.stages[-n:], nn.AdaptiveAvgPool2d(1), nn.Flatten(1))

@@ -1,0 +1,196 @@
+"""MPCL: meta-prototype contrastive learning, the stage-1 objective of paper 2.
+
+"Meta-Prototype Decoupled Training for Long-tailed Learning" (Fu et al., ACCV 2022), §3.2, eqs. 1–8 and
+Algorithm 1, in ltdist's one feature space: z = f(x)/‖f(x)‖, the L2-normalised backbone features that the
+cosine classifier consumes.
+
+- **EMA prototypes** (eq. 1): c_k ← m c_k + (1−m) z_i for every accepted sample in batch order, then
+  re-normalised. The batch is all-gathered in rank order first and every rank applies the same sequential
+  update (:func:`ltdist.kernels.prototype_ema`), so every rank holds identical prototypes.
+- **Prototype contrastive loss** (eq. 2): L_PC = −log softmax_k(z · ĉ_k / τ)[y]; L = CE + λ·L_PC (eq. 3).
+  The first ``warmup_epochs`` epochs use CE only while the prototypes are already updated (Alg. 1, 1–4).
+- **Meta-prototypes** (eq. 4): ĉ = normalise(c + C(c; Θ)), C an encoder Linear+ReLU and a decoder
+  Linear-ReLU-Linear. The paper writes ĉ = C(c); ltdist adds the residual and zero-initialises the last
+  layer so that at the end of the warm-up ĉ = c exactly: a random MLP would otherwise replace the
+  prototypes the warm-up built with random directions. Classes not seen yet (c = 0) have ĉ = 0.
+- **Bi-level step** (eqs. 6–8): before every ``meta_interval``-th optimizer step, Θ moves along the
+  meta-gradient of the CE loss of a balanced meta batch through a virtual SGD step of the parameters
+  in ``meta_inner`` (:mod:`ltdist.methods.objectives.meta_step`), averaged over ranks, with its own Adam
+  optimizer (lr ``meta_lr``); the real step of W then uses Θ(t+1).
+- With ``meta_network: false`` this is "CE + L_PC" with the empirical prototypes (paper 2 Table 5's
+  ablation row): no meta set, no meta step.
+
+Everything here (c, Θ, Adam's state, counters) is in :meth:`MPCLObjective.state_dict`, hence in the
+verified checkpoint. Meta batches are drawn from (seed, step, rank): a resumed run draws the same ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ltdist.data.meta_set import MetaSet
+from ltdist.fileio import torch_save_atomic
+from ltdist.kernels.prototype_ema import prototype_ema
+from ltdist.methods.objectives.base import TrainingObjective
+from ltdist.methods.objectives.meta_step import at_least_fp32, meta_gradient
+from ltdist.models import LongTailModel
+
+PROTOTYPES_FILE = "prototypes.pt"  # under <run_dir>/weights/
+
+
+class MetaPrototypeNet(nn.Module):
+    """C(c; Θ) as a residual map: ``forward(c [C, F]) -> ĉ [C, F]`` unit rows (zero rows stay zero)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU())
+        self.decoder = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        nn.init.zeros_(self.decoder[-1].weight)
+        nn.init.zeros_(self.decoder[-1].bias)
+
+    def forward(self, prototypes: torch.Tensor) -> torch.Tensor:
+        seen = (prototypes.norm(dim=1, keepdim=True) > 0).to(prototypes.dtype)
+        return F.normalize(prototypes + self.decoder(self.encoder(prototypes)), dim=1) * seen
+
+
+def prototype_contrastive_loss(features: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor,
+                               tau: float) -> torch.Tensor:
+    """Eq. 2, mean over the batch: features [B, F] (normalised here), labels [B], centres [C, F] unit rows."""
+    logits = F.normalize(at_least_fp32(features), dim=1) @ at_least_fp32(centres).T / tau
+    return F.cross_entropy(logits, labels)
+
+
+def _all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's ``tensor`` [B, ...] in rank order (equal B on every rank)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+class MPCLObjective(TrainingObjective):
+    """See the module docstring. ``meta_set`` is required when ``meta_network`` is on."""
+
+    name = "mpcl"
+
+    def __init__(self, *, num_classes: int, feature_dim: int, lam: float, tau: float, momentum: float,
+                 warmup_epochs: int, meta_network: bool, meta_inner: str, meta_lr: float, meta_hidden: int,
+                 meta_interval: int, meta_set: MetaSet | None, meta_batch_size: int, seed: int, rank: int,
+                 image_size: int, channels: int, device: torch.device, dtype: torch.dtype):
+        if meta_network and meta_set is None:
+            raise ValueError("MPCL with a meta-network needs a meta set (method.mpcl.meta_source)")
+        self.lam, self.tau, self.momentum, self.warmup_epochs = lam, tau, momentum, warmup_epochs
+        self.meta_inner, self.meta_interval, self.meta_set = meta_inner, meta_interval, meta_set
+        self.meta_batch_size, self.seed, self.rank = meta_batch_size, seed, rank
+        self.image_size, self.channels, self.device, self.dtype = image_size, channels, device, dtype
+        self.prototypes = torch.zeros(num_classes, feature_dim, device=device)
+        self.meta_net: MetaPrototypeNet | None = None
+        self.meta_optimizer: torch.optim.Optimizer | None = None
+        if meta_network:
+            with torch.random.fork_rng(devices=[]):  # identical Θ on every rank, global RNG untouched
+                torch.manual_seed(seed)
+                self.meta_net = MetaPrototypeNet(feature_dim, meta_hidden).to(device)
+            self.meta_optimizer = torch.optim.Adam(self.meta_net.parameters(), lr=meta_lr)
+        self.meta_steps = 0
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+
+    def _record(self, name: str, value: float) -> None:
+        self._sums[name] = self._sums.get(name, 0.0) + value
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def centres(self) -> torch.Tensor:
+        """ĉ [C, F]: the meta-prototypes (differentiable in Θ), or the EMA prototypes without a meta-network."""
+        return self.prototypes if self.meta_net is None else self.meta_net(self.prototypes)
+
+    def loss(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, epoch: int) -> torch.Tensor:
+        ce = F.cross_entropy(logits, labels)
+        self._record("loss_ce", float(ce.detach()))
+        if epoch < self.warmup_epochs:
+            return ce
+        with torch.no_grad():
+            centres = self.centres()
+        pc = prototype_contrastive_loss(features, labels, centres, self.tau)
+        self._record("loss_pc", float(pc.detach()))
+        return ce + self.lam * pc
+
+    def _train_loss(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """L_train(W; Θ) of eq. 4, differentiable in both (the virtual step's objective)."""
+        return F.cross_entropy(logits, labels) + self.lam * prototype_contrastive_loss(
+            features, labels, self.centres(), self.tau)
+
+    def before_micro_step(self, model: LongTailModel, images: torch.Tensor, labels: torch.Tensor, *, step: int,
+                          epoch: int, lr: float) -> None:
+        if self.meta_net is None or epoch < self.warmup_epochs or step % self.meta_interval:
+            return
+        size = self.meta_batch_size or labels.numel()
+        meta_images, meta_labels = self.meta_set.batch(size, seed=self.seed, step=step, rank=self.rank,
+                                                       image_size=self.image_size, channels=self.channels)
+        meta_batch = (meta_images.to(self.device, self.dtype), meta_labels.to(self.device))
+        theta = list(self.meta_net.parameters())
+        grads, meta_loss = meta_gradient(model, self.meta_inner, (images, labels), meta_batch, theta,
+                                         self._train_loss, lr)
+        flat = torch.cat([g.reshape(-1) for g in grads]).float()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+        if not bool(torch.isfinite(flat).all()):  # identical on every rank after the all-reduce
+            self._record("meta_skipped", 1.0)
+            return
+        offset = 0
+        for p in theta:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+        self.meta_optimizer.step()
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        self.meta_steps += 1
+        self._record("meta_loss", meta_loss)
+
+    @torch.no_grad()
+    def after_micro_step(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        z = _all_gather_rows(F.normalize(features.float(), dim=1))
+        y = _all_gather_rows(labels.long())
+        self.prototypes = prototype_ema(self.prototypes, z, y, self.momentum)
+
+    def metrics(self) -> dict[str, float]:
+        out = {name: self._sums[name] / self._counts[name] for name in self._sums}
+        out["meta_steps"] = float(self.meta_steps)
+        self._sums, self._counts = {}, {}
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"name": self.name, "prototypes": self.prototypes.detach().cpu().clone(),
+                                 "meta_steps": self.meta_steps}
+        if self.meta_net is not None:
+            state["meta_net"] = {k: v.detach().cpu().clone() for k, v in self.meta_net.state_dict().items()}
+            state["meta_optimizer"] = self.meta_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if (self.meta_net is None) != ("meta_net" not in state):
+            raise ValueError("the checkpoint's MPCL state and method.mpcl.meta_network disagree")
+        self.prototypes = state["prototypes"].to(self.device, torch.float32).clone()
+        self.meta_steps = int(state["meta_steps"])
+        if self.meta_net is not None:
+            self.meta_net.load_state_dict(state["meta_net"])
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+
+    def export(self, run_dir: Path) -> None:
+        """``weights/prototypes.pt``: EMA prototypes and meta-prototypes [C, F] (unit rows, zero for unseen)."""
+        with torch.no_grad():
+            meta = None if self.meta_net is None else self.centres().float().cpu()
+        torch_save_atomic({"prototypes": self.prototypes.float().cpu(), "meta_prototypes": meta,
+                           "space": "l2-normalised backbone features"}, Path(run_dir) / "weights" / PROTOTYPES_FILE)
+
+    def excluded_train_keys(self) -> dict[str, int]:
+        if self.meta_set is None or self.meta_set.source != "train":
+            return {}
+        return dict(zip(self.meta_set.keys, self.meta_set.labels))
