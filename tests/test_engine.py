@@ -244,3 +244,45 @@ def test_nonfinite_losses_are_skipped_then_stop(workdir):
     assert logged == {1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 1}
     assert all("refusing to checkpoint step 6" in r["save_refused"] for r in results)
     assert not (run_dir / "checkpoints" / "step_000000006").exists()
+
+
+# MPCL (paper 2 stage 1): meta step at every step, meta set carved from train (4 per class).
+MPCL = ["method.loss=mpcl", "method.mpcl.warmup_epochs=0", "method.mpcl.meta_source=train",
+        "method.mpcl.meta_per_class=4", "method.mpcl.meta_hidden=16", "method.mpcl.momentum=0.9", "trainer.max_steps=8"]
+
+
+@pytest.fixture(scope="module")
+def mpcl_a(workdir) -> tuple[Path, Path]:
+    run_dir = workdir / "MA"
+    results = launch(run_dir, workdir / "MA_out", extra=MPCL)
+    assert [r["outcome"] for r in results] == ["done", "done"], results
+    return run_dir, workdir / "MA_out"
+
+
+def test_mpcl_trains_with_meta_steps_and_never_streams_the_meta_set(mpcl_a):
+    run_dir, out = mpcl_a
+    steps = [m for m in metrics(run_dir) if "loss" in m]
+    assert all("loss_pc" in m and m["meta_steps"] == m["step"] for m in steps), steps
+    meta = json.loads((run_dir / "meta_set.json").read_text())
+    assert meta["source"] == "train" and len(meta["keys"]) == sum(meta["per_class"])
+    assert meta["per_class"] == [4] * 9 + [3]  # the 6-image class gives half of its images
+    streamed = {k for rank in range(WORLD) for _, keys, _ in keys_seen(out, rank) for k in keys}
+    assert streamed and not streamed & set(meta["keys"])
+    exported = torch.load(run_dir / "weights" / "prototypes.pt", weights_only=True)
+    norms = exported["meta_prototypes"].norm(dim=1)
+    assert exported["prototypes"].shape == (10, 64) and torch.allclose(norms[norms > 0], torch.ones(1))
+
+
+def test_mpcl_preempted_run_resumes_to_identical_weights_and_prototypes(workdir, mpcl_a):
+    run_a_dir, a_out = mpcl_a
+    run_dir, out = workdir / "MB", workdir / "MB_out"
+    first = launch(run_dir, out, {"signal_at_step": 4}, MPCL)
+    assert [r["outcome"] for r in first] == ["preempted", "preempted"], first
+    resumed = launch(run_dir, out, extra=MPCL)
+    assert [r["outcome"] for r in resumed] == ["done", "done"], resumed
+    for rank in range(WORLD):
+        assert keys_seen(out, rank) == keys_seen(a_out, rank)
+    a, b = final_weights(run_a_dir), final_weights(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    pa, pb = (torch.load(d / "weights" / "prototypes.pt", weights_only=True) for d in (run_a_dir, run_dir))
+    assert torch.equal(pa["prototypes"], pb["prototypes"]) and torch.equal(pa["meta_prototypes"], pb["meta_prototypes"])

@@ -43,6 +43,7 @@ def build_meta_set(cfg: DictConfig, index, run_dir: Path, is_main: bool) -> Meta
     meta_set = carve_meta_set(index, mpcl.meta_source, mpcl.meta_per_class, cfg.trainer.seed)
     if is_main:
         counts = meta_set.counts()
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / META_SET_FILE).write_text(json.dumps(
             {"source": meta_set.source, "per_class": counts, "keys": meta_set.keys, "labels": meta_set.labels},
             indent=1) + "\n")
