@@ -14,6 +14,7 @@ COMMANDS = {
 BENCHMARKS = {
     "kernels": "ltdist.kernels.bench",
     "engine": "ltdist.engine.bench",
+    "objectives": "ltdist.engine.bench_objectives",
     "data": "ltdist.data.bench",
 }
 
@@ -25,6 +26,7 @@ commands:
   stats          what the rebalancing stream will emit, per class, per rank
   bench kernels  kernel microbenchmarks (Triton / C++ / CUDA vs PyTorch)
   bench engine   DeepSpeed step time vs a plain PyTorch loop
+  bench objectives  a stage-1 objective's step (MPCL with/without meta step) vs a cross-entropy step
   bench data     training-stream throughput vs a map-style DataLoader
 
 'ltdist COMMAND --help' describes each command."""

@@ -1,5 +1,6 @@
 """Stage-1 objectives: the logit-offset losses against their formulas, MPCL's pieces against references."""
 
+import json
 import math
 import multiprocessing as mp
 import socket
@@ -159,3 +160,14 @@ def test_ema_prototypes_identical_on_two_ranks_and_equal_a_python_loop():
         for k in set(y.tolist()):
             protos[k] = F.normalize(protos[k], dim=0)
     torch.testing.assert_close(results[0].double(), protos, rtol=1e-5, atol=1e-6)
+
+
+def test_objective_benchmark_runs_every_case(tmp_path):
+    from ltdist.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "objectives", "--case", "resnet8:8:4", "--steps", "1", "--warmup", "0",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ratios = {r["objective"]: r["paired_ratio_to_ce"] for r in result["results"]}
+    assert ratios["ce"] == 1.0 and len(ratios) == 4 and all(v > 0 for v in ratios.values())
