@@ -12,9 +12,9 @@ not on the number of ranks, so 1 and 2 ranks see the same features, and a restar
 Each rank sums its share's cross-entropy divided by the global batch size; the gradients are summed
 across ranks (one all-reduce per step), which gives the mean over the global batch on every rank.
 
-The classifier (cosine: s · T(f) · normalise(W)ᵀ with a fixed scale s, or linear: T(f) Wᵀ + b) is
-re-initialised from the seed and trained by SGD with momentum, weight decay and a cosine learning
-rate decaying to 0 over all steps. After every epoch rank 0 saves a checkpoint (weights, optimizer
+The classifier — cosine: s · normalise(x) · normalise(W)ᵀ with a fixed scale s, or linear: x Wᵀ + b,
+for x a real feature T(f) or a generated one — is re-initialised from the seed and trained by SGD
+with momentum, weight decay and a cosine learning rate decaying to 0 over all steps. After every epoch rank 0 saves a checkpoint (weights, optimizer
 state, epoch, a fingerprint of the settings and the plan); a re-run with the same fingerprint resumes
 from it and ends with the same classifier as an uninterrupted run.
 """
@@ -112,9 +112,9 @@ class _Classifier(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(num_classes)) if self.kind == "linear" else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features [n, d] already in the MPFA space (unit rows) → logits [n, C]."""
+        """features [n, d] in the MPFA space (real ones are unit rows, generated ones are not) → logits [n, C]."""
         if self.kind == "cosine":
-            return self.scale * features @ F.normalize(self.weight, dim=1).T
+            return self.scale * F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).T
         return features @ self.weight.T + self.bias
 
     def scorer(self, feature_power: float) -> LinearScorer:
