@@ -14,9 +14,10 @@ across ranks (one all-reduce per step), which gives the mean over the global bat
 
 The classifier — cosine: s · normalise(x) · normalise(W)ᵀ with a fixed scale s, or linear: x Wᵀ + b,
 for x a real feature T(f) or a generated one — is re-initialised from the seed and trained by SGD
-with momentum, weight decay and a cosine learning rate decaying to 0 over all steps. After every epoch rank 0 saves a checkpoint (weights, optimizer
-state, epoch, a fingerprint of the settings and the plan); a re-run with the same fingerprint resumes
-from it and ends with the same classifier as an uninterrupted run.
+with momentum, weight decay and a cosine learning rate decaying to 0 over all steps. After every
+epoch rank 0 saves a checkpoint (weights, optimizer state, epoch, a fingerprint of the settings and
+the plan); a re-run with the same fingerprint resumes from it and ends with the same classifier as an
+uninterrupted run.
 """
 
 from __future__ import annotations
