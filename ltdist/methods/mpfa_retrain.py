@@ -104,7 +104,9 @@ def fingerprint(plan: AugmentationPlan, settings: RetrainSettings) -> dict:
             "weights_sum": float(plan.weights.double().sum())}
 
 
-class _Classifier(torch.nn.Module):
+class RetrainClassifier(torch.nn.Module):
+    """The classifier being retrained: re-initialised from ``settings.seed``, weight [C, d] (and bias [C])."""
+
     def __init__(self, num_classes: int, dim: int, settings: RetrainSettings):
         super().__init__()
         gen = torch.Generator().manual_seed(mix_seed(settings.seed, 2))
@@ -134,6 +136,36 @@ def _set_lr(optimizer: torch.optim.Optimizer, settings: RetrainSettings, step: i
         group["lr"] = 0.5 * settings.lr * (1 + math.cos(math.pi * step / total_steps))
 
 
+def make_optimizer(model: RetrainClassifier, settings: RetrainSettings) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                           weight_decay=settings.weight_decay)
+
+
+def train_step(model: RetrainClassifier, optimizer: torch.optim.Optimizer, plan: AugmentationPlan,
+               settings: RetrainSettings, items: torch.Tensor, epoch: int, batch: int, rank: int,
+               world_size: int) -> float:
+    """One optimizer step on the global batch ``items`` [B] (this rank draws and trains its blocks);
+    returns the batch's mean loss (all ranks)."""
+    params = list(model.parameters())
+    optimizer.zero_grad(set_to_none=False)  # ranks without a block still add zeros to the all-reduce
+    local_loss = torch.zeros((), device=plan.bank.device)
+    blocks = [block_features(plan, items[lo:hi], settings, mix_seed(settings.seed, epoch, batch, lo // BLOCK))
+              for lo, hi in rank_blocks(items.numel(), rank, world_size)]
+    if blocks:  # one forward/backward over the rank's share
+        features, labels = (torch.cat(parts) for parts in zip(*blocks))
+        loss = F.cross_entropy(model(features), labels, reduction="sum") / items.numel()
+        loss.backward()
+        local_loss += loss.detach()
+    flat = torch.cat([*(p.grad.flatten() for p in params), local_loss[None]])
+    _all_reduce_(flat, world_size)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    optimizer.step()
+    return float(flat[-1])
+
+
 def retrain(plan: AugmentationPlan, settings: RetrainSettings, *, rank: int = 0, world_size: int = 1,
             val: dict | None = None, checkpoint: Path | None = None, name: str = "mpfa") -> LinearScorer:
     """Train a fresh classifier on the plan's real + generated features; return it as a scorer.
@@ -149,10 +181,8 @@ def retrain(plan: AugmentationPlan, settings: RetrainSettings, *, rank: int = 0,
         a :class:`LinearScorer` with ``feature_power = settings.tukey`` (it scores raw features).
     """
     device = plan.bank.device
-    model = _Classifier(plan.num_classes, plan.bank.shape[1], settings).to(device)
-    params = list(model.parameters())
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                                weight_decay=settings.weight_decay)
+    model = RetrainClassifier(plan.num_classes, plan.bank.shape[1], settings).to(device)
+    optimizer = make_optimizer(model, settings)
     steps_per_epoch = math.ceil(plan.size / settings.batch_size)
     total_steps = settings.epochs * steps_per_epoch
     expected = fingerprint(plan, settings)
@@ -172,23 +202,8 @@ def retrain(plan: AugmentationPlan, settings: RetrainSettings, *, rank: int = 0,
         start, loss_total = time.perf_counter(), 0.0
         for b in range(steps_per_epoch):
             items = order[b * settings.batch_size:(b + 1) * settings.batch_size]
-            optimizer.zero_grad(set_to_none=False)  # ranks without a block still add zeros to the all-reduce
-            local_loss = torch.zeros((), device=device)
-            for lo, hi in rank_blocks(items.numel(), rank, world_size):
-                features, labels = block_features(plan, items[lo:hi], settings,
-                                                  mix_seed(settings.seed, epoch, b, lo // BLOCK))
-                loss = F.cross_entropy(model(features), labels, reduction="sum") / items.numel()
-                loss.backward()
-                local_loss += loss.detach()
-            flat = torch.cat([*(p.grad.flatten() for p in params), local_loss[None]])
-            _all_reduce_(flat, world_size)
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-            loss_total += float(flat[-1])
             _set_lr(optimizer, settings, epoch * steps_per_epoch + b, total_steps)
-            optimizer.step()
+            loss_total += train_step(model, optimizer, plan, settings, items, epoch, b, rank, world_size)
         elapsed = time.perf_counter() - start
         accuracy = ""
         if val_features is not None:

@@ -112,7 +112,7 @@ def build(ctx: StageContext, inputs: FrozenInputs) -> ClassifierSet:
     sources, centre_note = centre_sources(cfg.centres, meta is not None, cfg.baseline_row)
     counts = inputs.train_counts
     raw = inputs.train.pop("features")  # released after the bank is built: one bank in memory, not two
-    notes = [centre_note, *input_notes(counts, bool((raw < 0).any()), settings.tukey)]
+    notes = [centre_note, *input_notes(counts, raw.numel() > 0 and float(raw.min()) < 0, settings.tukey)]
     bank, offsets = build_bank(raw.to(ctx.dist.device), inputs.train["labels"], inputs.num_classes, settings.tukey)
     del raw
     rows: dict[str, LinearScorer] = {}
