@@ -15,6 +15,7 @@ BENCHMARKS = {
     "kernels": "ltdist.kernels.bench",
     "engine": "ltdist.engine.bench",
     "data": "ltdist.data.bench",
+    "mpfa": "ltdist.methods.mpfa_bench",
 }
 
 USAGE = """usage: ltdist COMMAND [args...]
@@ -26,6 +27,7 @@ commands:
   bench kernels  kernel microbenchmarks (Triton / C++ / CUDA vs PyTorch)
   bench engine   DeepSpeed step time vs a plain PyTorch loop
   bench data     training-stream throughput vs a map-style DataLoader
+  bench mpfa     MPFA stage memory and generation throughput on an iNaturalist-shaped bank
 
 'ltdist COMMAND --help' describes each command."""
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from stage_fixtures import FEATURE_DIM, make_run_dir, stage_context
 
+from ltdist.config import ConfigError, load_config, validate_config
 from ltdist.extension import extension_available
 from ltdist.methods import mpfa_retrain
 from ltdist.methods.classifier_set import classifier_path, load_classifier_sets, power_normalise
@@ -45,6 +46,7 @@ def test_kt_and_mpfa_together_report_every_row(tmp_path, capsys):
     assert result.chosen["centres"] == "meta" and result.chosen["rows"][META]["generated"] == 6 * 300 - 546
     assert result.notes[0].startswith("centres: meta-prototypes")
     assert any("negative entries" in n for n in result.notes)  # the fixture's Gaussian features
+    assert any("β·I adds noise of norm ≈ √(βd) = 1.8" in n for n in result.notes)  # β = 0.05, d = 64
     assert all(s.feature_power == 0.5 for s in result.rows.values())
     evaluate_stage.run(ctx)
     report = json.loads((run_dir / "report.json").read_text())
@@ -157,3 +159,13 @@ def test_one_and_two_sample_classes_an_empty_class_and_a_nan_feature(tmp_path):
     torch.save(train, features_path(run_dir, "train"))
     with pytest.raises(ValueError, match=r"non-finite train features \(rows \[5\]"):
         mpfa_stage.run(stage_context(run_dir, "stages=[mpfa]", *FAST))
+
+
+def test_config_rejects_bad_mpfa_values():
+    bad = {"centres": "mean", "beta_form": "diagonal", "count": "more", "classifier": "mlp", "scale": "0",
+           "batch_size": "0", "lr": "0", "momentum": "1.0", "weight_decay": "-1"}
+    with pytest.raises(ConfigError) as info:
+        validate_config(load_config(overrides=[f"method.mpfa.{k}={v}" for k, v in bad.items()]))
+    for key in bad:
+        assert f"method.mpfa.{key}:" in str(info.value)
+    validate_config(load_config(overrides=["method.mpfa.centres=meta", "method.mpfa.count=paper"]))

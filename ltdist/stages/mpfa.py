@@ -85,13 +85,14 @@ def apply_empty_class_fallback(scorer: LinearScorer, empty: torch.Tensor, centre
     """Rows of classes without training features [C] bool: the centre when given, else zero."""
     if not bool(empty.any()):
         return
-    scorer.weight[empty] = 0.0 if centres is None else centres[empty].cpu()
+    scorer.weight[empty] = 0.0 if centres is None else centres.cpu()[empty]
     if scorer.bias is not None:
         scorer.bias[empty] = scorer.bias[~empty].min()
 
 
-def input_notes(counts: torch.Tensor, negative: bool, tukey: float) -> list[str]:
-    """Report lines about the inputs: tiny and empty classes, negative features under a Tukey power."""
+def input_notes(counts: torch.Tensor, negative: bool, settings: RetrainSettings, dim: int) -> list[str]:
+    """Report lines about the inputs: tiny and empty classes, negative features under a Tukey power,
+    an isotropic β larger than the unit-norm features."""
     notes = []
     for n, what in ((1, "no own scatter (spread from the neighbours and β only)"), (2, "a rank-1 own scatter")):
         classes = (counts == n).nonzero().flatten().tolist()
@@ -100,8 +101,12 @@ def input_notes(counts: torch.Tensor, negative: bool, tukey: float) -> list[str]
     empty = (counts == 0).nonzero().flatten().tolist()
     if empty:
         notes.append(f"classes {empty[:10]} have no training feature: nothing generated, fallback classifier row")
-    if negative and tukey != 1.0:
-        notes.append(f"features have negative entries: Tukey power applied as sign(f)·|f|^{tukey:g}")
+    if negative and settings.tukey != 1.0:
+        notes.append(f"features have negative entries: Tukey power applied as sign(f)·|f|^{settings.tukey:g}")
+    spread = (settings.beta * dim) ** 0.5  # expected norm of the β·I term, against unit-norm features
+    if settings.beta_form == "identity" and spread > 1.0:
+        notes.append(f"β·I adds noise of norm ≈ √(βd) = {spread:.1f} to unit-norm features (d = {dim}): "
+                     f"the generated features are dominated by it; consider a smaller method.mpfa.beta")
     return notes
 
 
@@ -112,7 +117,8 @@ def build(ctx: StageContext, inputs: FrozenInputs) -> ClassifierSet:
     sources, centre_note = centre_sources(cfg.centres, meta is not None, cfg.baseline_row)
     counts = inputs.train_counts
     raw = inputs.train.pop("features")  # released after the bank is built: one bank in memory, not two
-    notes = [centre_note, *input_notes(counts, raw.numel() > 0 and float(raw.min()) < 0, settings.tukey)]
+    negative = raw.numel() > 0 and float(raw.min()) < 0
+    notes = [centre_note, *input_notes(counts, negative, settings, raw.shape[1])]
     bank, offsets = build_bank(raw.to(ctx.dist.device), inputs.train["labels"], inputs.num_classes, settings.tukey)
     del raw
     rows: dict[str, LinearScorer] = {}
