@@ -16,7 +16,14 @@ from ltdist.methods.mpfa import (
     meta_centres,
     plan_augmentation,
 )
-from ltdist.methods.mpfa_retrain import BLOCK, RetrainSettings, block_features, mix_seed, rank_blocks
+from ltdist.methods.mpfa_retrain import (
+    BLOCK,
+    RetrainSettings,
+    block_features,
+    epoch_order,
+    mix_seed,
+    rank_blocks,
+)
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="ltdist._C is not built")
 
@@ -36,9 +43,9 @@ def settings(**kw) -> RetrainSettings:
     return RetrainSettings(**{**base, **kw})
 
 
-@pytest.mark.parametrize(("literal_inv_m", "beta_form"),
-                         [(False, "identity"), (True, "identity"), (False, "all_entries")])
-def test_generated_moments_match_eq10_computed_densely(literal_inv_m, beta_form):
+@pytest.mark.parametrize(("literal_inv_m", "beta_form", "per_call"),
+                         [(False, "identity", 1), (True, "identity", 8), (False, "all_entries", 8)])
+def test_generated_moments_match_eq10_computed_densely(literal_inv_m, beta_form, per_call):
     counts, d, alpha, beta, m, tukey = [40, 30, 25, 6, 2], 8, 0.4, 0.004, 2, 0.5
     feats, labels = long_tail(counts, d)
     bank, offsets = build_bank(feats, labels, len(counts), tukey)
@@ -61,8 +68,8 @@ def test_generated_moments_match_eq10_computed_densely(literal_inv_m, beta_form)
         cov = cov + beta * (torch.ones(d, d, dtype=torch.float64) - torch.eye(d, dtype=torch.float64))
 
     draws = 120_000
-    x = draw_features(plan, torch.full((draws,), source), alpha=alpha, beta=beta, beta_form=beta_form,
-                      seed=17).double()
+    x = draw_features(plan, torch.full((draws // per_call,), source), alpha=alpha, beta=beta, beta_form=beta_form,
+                      seed=17, draws=per_call).reshape(draws, d).double()
     emp_cov = torch.cov(x.T)
     rel = torch.linalg.norm(emp_cov - cov) / torch.linalg.norm(cov)
     assert rel <= 0.02, f"covariance relative Frobenius error {rel:.4f}"
@@ -129,6 +136,24 @@ def test_plan_maps_every_generated_feature_to_its_source():
     assert torch.bincount(sources, minlength=plan.num_real).tolist() == plan.per_source.tolist()
 
 
+def test_epoch_order_covers_every_item_once_and_keeps_groups_adjacent():
+    feats, labels = long_tail([40, 9, 3, 1], 4)
+    bank, offsets = build_bank(feats, labels, 4, 1.0)
+    plan = plan_augmentation(bank, offsets, empirical_centres(bank, offsets), num_neighbours=2,
+                             literal_inv_m=False, count="balanced")
+    single = epoch_order(plan, 5, 2)
+    assert torch.equal(single, torch.randperm(plan.size, generator=torch.Generator().manual_seed(mix_seed(5, 2, 1))))
+    grouped = epoch_order(plan, 5, 2, group=4)
+    assert torch.equal(grouped.sort().values, torch.arange(plan.size))
+    assert not torch.equal(grouped, epoch_order(plan, 5, 3, group=4))
+    # the 39 features of class 3's single row: 10 runs of consecutive ids (9 of 4, one of 3)
+    position = torch.empty_like(grouped)
+    position[grouped] = torch.arange(plan.size)
+    ids = torch.arange(plan.num_real + plan.generated - 39, plan.size)
+    steps = position[ids[1:]] - position[ids[:-1]]
+    assert int((steps == 1).sum()) == 39 - 10
+
+
 def test_the_same_features_on_one_and_two_ranks():
     feats, labels = long_tail([60, 20, 5, 2], 8)
     bank, offsets = build_bank(feats, labels, 4, 0.5)
@@ -163,12 +188,12 @@ def test_tiny_classes_negative_features_and_bad_meta_prototypes():
                              literal_inv_m=False, count="balanced")
     assert plan.class_totals().tolist() == [30, 30, 30]
     x = draw_features(plan, plan.source_of(torch.arange(plan.generated)), alpha=0.4, beta=0.0,
-                      beta_form="identity", seed=0)
+                      beta_form="identity", seed=0)[:, 0]
     assert torch.isfinite(x).all() and x.shape == (57, 6)
     # the 1-feature class with β = 0 has the neighbours' scatter only: its draws still differ
     single = plan.source_of(torch.tensor([plan.generated - 1]))
     assert int(plan.labels[single]) == 2
-    y = draw_features(plan, single.repeat(2), alpha=0.4, beta=0.0, beta_form="identity", seed=0)
+    y = draw_features(plan, single.repeat(2), alpha=0.4, beta=0.0, beta_form="identity", seed=0)[:, 0]
     assert not torch.equal(y[0], y[1])
     meta = F.normalize(torch.rand(3, 6), dim=1)
     torch.testing.assert_close(meta_centres(meta, 3, 6, 1.0), meta)

@@ -111,6 +111,9 @@ class MPFAConfig:
     scale: float = 16.0  # cosine classifier logit scale s (fixed)
     epochs: int = 10  # classifier retrain epochs
     batch_size: int = 512  # global batch of real + generated features (all ranks, one step)
+    # Generated features of one source drawn together (one GEMM per class term instead of a GEMV) and kept
+    # adjacent in the epoch order; 1 = every generated feature shuffled on its own.
+    group_draws: int = 1
     lr: float = 0.05  # SGD learning rate (cosine decay to 0 over the retrain)
     momentum: float = 0.9
     weight_decay: float = 5e-4

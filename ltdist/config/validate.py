@@ -134,6 +134,7 @@ def validate_config(cfg: DictConfig) -> None:
     one_of("method.mpfa.classifier", ("cosine", "linear"))
     check("method.mpfa.scale", positive, "must be > 0")
     check("method.mpfa.batch_size", at_least_one, "must be ≥ 1")
+    check("method.mpfa.group_draws", at_least_one, "must be ≥ 1")
     check("method.mpfa.lr", positive, "learning rate must be > 0")
     check("method.mpfa.momentum", lambda v: v is not None and 0 <= v < 1, "must be in [0, 1)")
     check("method.mpfa.weight_decay", non_negative, "must be ≥ 0")

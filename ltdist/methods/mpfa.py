@@ -222,22 +222,23 @@ def plan_augmentation(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.
 
 
 def draw_features(plan: AugmentationPlan, sources: torch.Tensor, *, alpha: float, beta: float, beta_form: str,
-                  seed: int) -> torch.Tensor:
-    """One calibrated feature per source row: [S, d] float32 on the bank's device.
+                  seed: int, draws: int = 1) -> torch.Tensor:
+    """``draws`` calibrated features per source row: [S, draws, d] float32 on the bank's device.
 
     Args:
-        sources: [S] int64 bank rows (repeats allowed: each row of the request is an independent draw).
+        sources: [S] int64 bank rows (repeats allowed: each row of the request draws independently).
         alpha, beta, beta_form: eq. 10's α, β and the form of "+ β" (``identity`` | ``all_entries``).
-        seed: the draws are a pure function of (seed, position in ``sources``).
+        seed: the draws are a pure function of (seed, position in ``sources``, draw).
+        draws: features per source; the sampler draws them with one GEMM per class term.
     """
     if beta_form not in ("identity", "all_entries"):
         raise ValueError(f"mpfa: beta_form must be 'identity' or 'all_entries', got {beta_form!r}")
     isotropic = beta if beta_form == "identity" else 0.0
     out = calibrated_sample(plan.bank, plan.offsets, plan.centres, plan.bank[sources], plan.labels[sources],
-                            plan.neighbours[sources], plan.weights[sources], alpha, isotropic, 1, seed)[:, 0]
+                            plan.neighbours[sources], plan.weights[sources], alpha, isotropic, draws, seed)
     if beta_form == "all_entries" and beta > 0:
         # β·11ᵀ = (√β·1)(√β·1)ᵀ: one shared standard normal per draw, added to every coordinate
         gen = torch.Generator().manual_seed(seed ^ 0x5EED_BE7A)
-        shared = torch.randn(sources.numel(), 1, generator=gen).to(out.device)
+        shared = torch.randn(sources.numel(), draws, 1, generator=gen).to(out.device)
         out += beta**0.5 * shared
     return out

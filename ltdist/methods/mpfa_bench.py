@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--neighbour-rows", type=int, default=8192, help="rows searched (0: all)")
     parser.add_argument("--batches", type=int, default=3, help="generation batches and retrain steps timed")
     parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--group", type=int, default=1, help="method.mpfa.group_draws: draws per source and call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -157,36 +158,39 @@ def main(argv: list[str] | None = None) -> int:
     result["items_per_epoch"] = plan.size
     result["rss_after_plan_gib"], result["peak_rss_after_plan_gib"] = rss_gib()
 
-    # sources of generated features among the searched rows, in proportion to what they generate
+    # sources of generated features among the searched rows, in proportion to what they generate;
+    # each makes ``--group`` features per sampler call
     weight = (per_source * generating).double()
-    draws = [torch.multinomial(weight, args.batch_size, replacement=True, generator=gen) for _ in range(args.batches)]
-    flops = sum(sampler_flops(plan, s) for s in draws)
+    per_batch = max(1, args.batch_size // args.group)
+    draws = [torch.multinomial(weight, per_batch, replacement=True, generator=gen) for _ in range(args.batches)]
+    flops = args.group * sum(sampler_flops(plan, s) for s in draws)
     draw_features(plan, draws[0][:16], alpha=0.4, beta=0.05, beta_form="identity", seed=0)  # warm-up
-    gen_s = timed(lambda: [draw_features(plan, s, alpha=0.4, beta=0.05, beta_form="identity", seed=i)
-                           for i, s in enumerate(draws)])
+    gen_s = timed(lambda: [draw_features(plan, s, alpha=0.4, beta=0.05, beta_form="identity", seed=i,
+                                         draws=args.group) for i, s in enumerate(draws)])
     sampler_gflops = flops / gen_s / 1e9
     typical_rows = int((offsets[1:] - offsets[:-1])[plan.neighbours[draws[0]]].float().mean())
     reference = matmul_gflops(flops / args.batches, args.dim, typical_rows)
-    result["sampler"] = {"draws": args.batches * args.batch_size, "seconds": gen_s,
-                         "features_per_s": args.batches * args.batch_size / gen_s, "gflop": flops / 1e9,
+    drawn = args.batches * per_batch * args.group
+    result["sampler"] = {"draws": drawn, "seconds": gen_s, "features_per_s": drawn / gen_s, "gflop": flops / 1e9,
                          "gflop_per_s": sampler_gflops, "matmul_gflop_per_s": reference,
                          "fraction_of_gemm": sampler_gflops / reference["gemm"],
                          "fraction_of_gemv": sampler_gflops / reference["gemv"],
                          "mean_neighbour_rows": typical_rows}
 
-    # retrain steps: a balanced mix of real rows and generated features (generated ids of the drawn sources)
+    # retrain steps: real rows and runs of generated features of the drawn sources, in the epoch's proportion
     settings = RetrainSettings(classifier="cosine", scale=16.0, epochs=1, batch_size=args.batch_size, lr=0.05,
                                momentum=0.9, weight_decay=5e-4, alpha=0.4, beta=0.05, beta_form="identity",
-                               tukey=0.5, seed=args.seed)
+                               tukey=0.5, seed=args.seed, group_draws=args.group)
     model = RetrainClassifier(args.classes, args.dim, settings)
     optimizer = make_optimizer(model, settings)
     real_share = plan.num_real / plan.size
     batches = []
     for s in draws:
-        items = plan.num_real + plan.cumulative[s] - 1  # the last generated feature of each drawn source
-        is_real = torch.rand(s.numel(), generator=gen) < real_share
-        real_rows = torch.randint(plan.num_real, (s.numel(),), generator=gen)
-        batches.append(torch.where(is_real, real_rows, items))
+        back = torch.arange(args.group)[None, :] % per_source[s][:, None]  # a run of the source's last ids
+        generated = (plan.num_real + plan.cumulative[s][:, None] - 1 - back).flatten()
+        num_real = round(generated.numel() * real_share)
+        real_rows = torch.randint(plan.num_real, (num_real,), generator=gen)
+        batches.append(torch.cat([generated[:generated.numel() - num_real], real_rows]))
     train_step(model, optimizer, plan, settings, batches[0][:64], 0, -1, 0, 1)  # warm-up (lazy imports)
     step_s = timed(lambda: [train_step(model, optimizer, plan, settings, items, 0, b, 0, 1)
                             for b, items in enumerate(batches)])

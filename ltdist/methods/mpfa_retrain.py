@@ -3,7 +3,10 @@
 An epoch is a seeded permutation of the augmented set — the N real bank rows and the G generated
 features of the :class:`ltdist.methods.mpfa.AugmentationPlan` (item t < N is real row t, item
 N + g is generated feature g) — cut into global batches of ``batch_size`` items. With the balanced
-count every class holds N_1 items, so a uniform shuffle gives class-balanced batches.
+count every class holds N_1 items, so a uniform shuffle gives class-balanced batches. With
+``group_draws`` = R > 1 the shuffled units are the real rows and runs of up to R generated features of
+one source, which stay adjacent: a run in a block is drawn as R samples of one request (a GEMM with R
+rows per class term instead of a GEMV per feature), at the price of R correlated-source items per batch.
 
 Generated features are never stored: a global batch is split into blocks of :data:`BLOCK` positions
 and each block is drawn by one sampler call seeded from (seed, epoch, batch, block). Rank r takes the
@@ -59,6 +62,7 @@ class RetrainSettings:
     beta_form: str
     tukey: float
     seed: int
+    group_draws: int = 1
 
 
 def mix_seed(*parts: int) -> int:
@@ -73,9 +77,23 @@ def mix_seed(*parts: int) -> int:
     return x >> 1
 
 
-def epoch_order(total: int, seed: int, epoch: int) -> torch.Tensor:
-    """The epoch's item order: a permutation [total] int64 of real (< N) and generated (≥ N) items."""
-    return torch.randperm(total, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 1)))
+def epoch_order(plan: AugmentationPlan, seed: int, epoch: int, group: int = 1) -> torch.Tensor:
+    """The epoch's item order: a permutation [plan.size] int64 of real (< N) and generated (≥ N) items.
+
+    The shuffled units are the real rows and groups of up to ``group`` consecutive generated features
+    of one source, which stay adjacent (``group = 1``: every item is placed independently)."""
+    per_source = plan.per_source.cpu()
+    groups = (per_source + group - 1) // group  # per source
+    source = torch.repeat_interleave(torch.arange(plan.num_real), groups)
+    k = torch.arange(source.numel()) - torch.repeat_interleave(torch.cumsum(groups, 0) - groups, groups)
+    first = plan.cumulative.cpu() - per_source  # first generated id of each source
+    starts = torch.cat([torch.arange(plan.num_real), plan.num_real + first[source] + k * group])
+    lengths = torch.cat([torch.ones(plan.num_real, dtype=torch.long),
+                         torch.clamp(per_source[source] - k * group, max=group)])
+    perm = torch.randperm(starts.numel(), generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 1)))
+    starts, lengths = starts[perm], lengths[perm]
+    within = torch.arange(plan.size) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    return torch.repeat_interleave(starts, lengths) + within
 
 
 def rank_blocks(batch_len: int, rank: int, world_size: int) -> list[tuple[int, int]]:
@@ -92,9 +110,25 @@ def block_features(plan: AugmentationPlan, items: torch.Tensor, settings: Retrai
     rows = torch.where(real, items, plan.source_of((items - plan.num_real).clamp(min=0)))
     features = plan.bank[rows]
     if not bool(real.all()):
-        features[~real] = draw_features(plan, rows[~real], alpha=settings.alpha, beta=settings.beta,
-                                        beta_form=settings.beta_form, seed=seed)
+        features[~real] = _draw_runs(plan, rows[~real], settings, seed)
     return features, plan.labels[rows]
+
+
+def _draw_runs(plan: AugmentationPlan, sources: torch.Tensor, settings: RetrainSettings,
+               seed: int) -> torch.Tensor:
+    """One feature per entry of ``sources`` [S]: adjacent equal sources (a run) are drawn together,
+    one sampler call per run length (seeded from ``seed`` and the length) → [S, d]."""
+    new_run = torch.ones_like(sources, dtype=torch.bool)
+    new_run[1:] = sources[1:] != sources[:-1]
+    run_start = new_run.nonzero().flatten()
+    run_length = torch.diff(run_start, append=torch.tensor([sources.numel()], device=sources.device))
+    out = torch.empty(sources.numel(), plan.bank.shape[1], device=plan.bank.device)
+    for length in torch.unique(run_length).tolist():
+        runs = run_start[run_length == length]
+        drawn = draw_features(plan, sources[runs], alpha=settings.alpha, beta=settings.beta,
+                              beta_form=settings.beta_form, seed=mix_seed(seed, length), draws=length)
+        out[(runs[:, None] + torch.arange(length, device=runs.device)).flatten()] = drawn.flatten(0, 1)
+    return out
 
 
 def fingerprint(plan: AugmentationPlan, settings: RetrainSettings) -> dict:
@@ -198,7 +232,7 @@ def retrain(plan: AugmentationPlan, settings: RetrainSettings, *, rank: int = 0,
             log.warning("mpfa %s: ignoring %s (written with other settings or inputs)", name, checkpoint)
     val_features = None if val is None else power_normalise(val["features"].to(device), settings.tukey)
     for epoch in range(start_epoch, settings.epochs):
-        order = epoch_order(plan.size, settings.seed, epoch)
+        order = epoch_order(plan, settings.seed, epoch, settings.group_draws)
         start, loss_total = time.perf_counter(), 0.0
         for b in range(steps_per_epoch):
             items = order[b * settings.batch_size:(b + 1) * settings.batch_size]

@@ -78,7 +78,8 @@ def settings_from(cfg) -> RetrainSettings:
     return RetrainSettings(classifier=m.classifier, scale=float(m.scale), epochs=int(m.epochs),
                            batch_size=int(m.batch_size), lr=float(m.lr), momentum=float(m.momentum),
                            weight_decay=float(m.weight_decay), alpha=float(m.alpha), beta=float(m.beta),
-                           beta_form=m.beta_form, tukey=float(m.tukey), seed=int(cfg.trainer.seed))
+                           beta_form=m.beta_form, tukey=float(m.tukey), seed=int(cfg.trainer.seed),
+                           group_draws=int(m.group_draws))
 
 
 def apply_empty_class_fallback(scorer: LinearScorer, empty: torch.Tensor, centres: torch.Tensor | None) -> None:
