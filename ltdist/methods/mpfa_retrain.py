@@ -218,6 +218,10 @@ def retrain(plan: AugmentationPlan, settings: RetrainSettings, *, rank: int = 0,
     model = RetrainClassifier(plan.num_classes, plan.bank.shape[1], settings).to(device)
     optimizer = make_optimizer(model, settings)
     steps_per_epoch = math.ceil(plan.size / settings.batch_size)
+    if math.ceil(settings.batch_size / BLOCK) < world_size:
+        log.warning("mpfa %s: a batch of %d holds %d blocks of %d for %d ranks: some ranks idle (raise "
+                    "method.mpfa.batch_size)", name, settings.batch_size, math.ceil(settings.batch_size / BLOCK),
+                    BLOCK, world_size)
     total_steps = settings.epochs * steps_per_epoch
     expected = fingerprint(plan, settings)
     start_epoch = 0
