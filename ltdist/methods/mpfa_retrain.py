@@ -43,6 +43,7 @@ from ltdist.methods.mpfa import AugmentationPlan, draw_features
 log = logging.getLogger(__name__)
 
 BLOCK = 64  # positions of a global batch drawn by one sampler call (the unit of work shared out to ranks)
+PROGRESS_S = 60.0  # seconds between progress lines within an epoch
 _MASK64 = (1 << 64) - 1
 
 
@@ -238,10 +239,15 @@ def retrain(plan: AugmentationPlan, settings: RetrainSettings, *, rank: int = 0,
     for epoch in range(start_epoch, settings.epochs):
         order = epoch_order(plan, settings.seed, epoch, settings.group_draws)
         start, loss_total = time.perf_counter(), 0.0
+        last_log = start
         for b in range(steps_per_epoch):
             items = order[b * settings.batch_size:(b + 1) * settings.batch_size]
             _set_lr(optimizer, settings, epoch * steps_per_epoch + b, total_steps)
             loss_total += train_step(model, optimizer, plan, settings, items, epoch, b, rank, world_size)
+            if time.perf_counter() - last_log > PROGRESS_S:  # an iNaturalist-sized epoch takes hours on a CPU
+                last_log = time.perf_counter()
+                log.info("mpfa %s: epoch %d step %d/%d loss %.4f, %.0f features/s", name, epoch + 1, b + 1,
+                         steps_per_epoch, loss_total / (b + 1), (b + 1) * settings.batch_size / (last_log - start))
         elapsed = time.perf_counter() - start
         accuracy = ""
         if val_features is not None:
