@@ -16,6 +16,7 @@ BENCHMARKS = {
     "engine": "ltdist.engine.bench",
     "objectives": "ltdist.engine.bench_objectives",
     "data": "ltdist.data.bench",
+    "mpfa": "ltdist.methods.mpfa_bench",
 }
 
 USAGE = """usage: ltdist COMMAND [args...]
@@ -28,6 +29,7 @@ commands:
   bench engine   DeepSpeed step time vs a plain PyTorch loop
   bench objectives  a stage-1 objective's step (MPCL with/without meta step) vs a cross-entropy step
   bench data     training-stream throughput vs a map-style DataLoader
+  bench mpfa     MPFA stage memory and generation throughput on an iNaturalist-shaped bank
 
 'ltdist COMMAND --help' describes each command."""
 

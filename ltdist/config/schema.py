@@ -106,12 +106,27 @@ class MPCLConfig:
 
 @dataclass
 class MPFAConfig:
-    alpha: float = 0.4
-    beta: float = 0.05
+    """Stage ``mpfa``: meta-prototype feature augmentation and the balanced classifier retrain."""
+
+    centres: str = "auto"  # meta | empirical | auto (meta-prototypes of an MPCL run when present)
+    alpha: float = 0.4  # calibration strength α of eq. 10 (fixed; the paper's adaptive α is unspecified)
+    beta: float = 0.05  # spread β of eq. 10
+    beta_form: str = "identity"  # identity: + β·I | all_entries: + β in every entry of Σ
     neighbours: int = 3  # M: neighbour classes with more samples
-    tukey: float = 0.5  # Tukey power λ
+    tukey: float = 0.5  # Tukey power λ (1.0 = off)
     literal_inv_m: bool = False  # the paper's extra 1/M in front of the softmax weights
+    count: str = "balanced"  # balanced: every class to N_1 | paper: max(⌈N_1/N_k − 1⌉, 1) per real feature
+    baseline_row: bool = True  # with meta centres, also retrain on empirical centres (TailCalibX-style row)
+    classifier: str = "cosine"  # cosine | linear
+    scale: float = 16.0  # cosine classifier logit scale s (fixed)
     epochs: int = 10  # classifier retrain epochs
+    batch_size: int = 512  # global batch of real + generated features (all ranks, one step)
+    # Generated features of one source drawn together (one GEMM per class term instead of a GEMV) and kept
+    # adjacent in the epoch order; 1 = every generated feature shuffled on its own.
+    group_draws: int = 1
+    lr: float = 0.05  # SGD learning rate (cosine decay to 0 over the retrain)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
 
 
 @dataclass

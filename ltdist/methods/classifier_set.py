@@ -9,10 +9,12 @@ rows, each a :class:`LinearScorer` (or an ensemble of other rows), plus what the
 
 - :class:`LinearScorer`: scores [B, C] = s · f̂ Ŵᵀ (cosine) or f Wᵀ + b (linear), plus a per-class
   offset [C] (post-hoc logit adjustment). Every baseline folds into one: τ-norm and LWS rescale W,
-  NCM is a cosine scorer over class means.
+  NCM is a cosine scorer over class means. A scorer trained in a transformed feature space (MPFA's
+  Tukey power) carries that transform (``feature_power``, :func:`power_normalise`).
 - :func:`load_frozen_inputs`: train / val / test features, training counts, the stage-1 head.
 - :func:`select_on_val`: the candidate with the best val accuracy; test is never looked at.
-- :func:`run_on_rank0`: the stage skeleton (rank 0 computes and saves, the other ranks wait).
+- :func:`run_on_rank0`: the stage skeleton (rank 0 computes and saves, the other ranks wait);
+  :func:`run_on_all_ranks` when the build itself is distributed (MPFA's retrain).
 """
 
 from __future__ import annotations
@@ -34,6 +36,21 @@ log = logging.getLogger(__name__)
 KT_FILE = "kt"  # classifiers/kt.pt has its own structure (ltdist.methods.kt.KTClassifiers)
 
 
+def power_normalise(features: torch.Tensor, power: float) -> torch.Tensor:
+    """normalise(sign(f) · |f|^λ) row-wise: features [N, F] → unit rows [N, F] (float32).
+
+    On non-negative (post-ReLU) backbone features this is Tukey's ladder of powers followed by L2
+    normalisation; the sign-preserving form keeps features with negative entries finite. It is
+    invariant to a positive rescaling of a row, so it maps L2-normalised vectors (e.g. prototypes
+    kept in the normalised feature space) the same way as the raw features. λ = 1: normalisation only.
+    A zero row stays zero.
+    """
+    features = features.float()
+    if power != 1.0:
+        features = features.sign() * features.abs().pow(power)
+    return F.normalize(features, dim=1)
+
+
 @dataclass
 class LinearScorer:
     """One classifier over frozen features.
@@ -41,6 +58,8 @@ class LinearScorer:
     kind "cosine": scores = scale · normalise(f) · normalise(weight)ᵀ (+ offset);
     kind "linear": scores = f · weightᵀ + bias (+ offset).
     ``weight`` [C, F] float32, ``bias`` [C] or None, ``offset`` [C] or None (added to every sample's scores).
+    ``feature_power`` λ or None: when set, f is first replaced by :func:`power_normalise` (f, λ), the
+    space the scorer was trained in.
     """
 
     kind: str
@@ -48,6 +67,7 @@ class LinearScorer:
     bias: torch.Tensor | None = None
     scale: float = 1.0
     offset: torch.Tensor | None = None
+    feature_power: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("cosine", "linear"):
@@ -68,6 +88,8 @@ class LinearScorer:
         """features [B, F] → scores [B, C] (float32, on the features' device)."""
         weight = self.weight.to(features.device, torch.float32)
         features = features.float()
+        if self.feature_power is not None:
+            features = power_normalise(features, self.feature_power)
         if self.kind == "cosine":
             out = self.scale * F.normalize(features, dim=1) @ F.normalize(weight, dim=1).T
         else:
@@ -81,7 +103,8 @@ class LinearScorer:
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "weight": self.weight.detach().float().cpu(),
                 "bias": None if self.bias is None else self.bias.detach().float().cpu(), "scale": float(self.scale),
-                "offset": None if self.offset is None else self.offset.detach().float().cpu()}
+                "offset": None if self.offset is None else self.offset.detach().float().cpu(),
+                "feature_power": self.feature_power}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> LinearScorer:
@@ -227,6 +250,14 @@ def select_on_val(candidates: Mapping[Any, LinearScorer], val: dict | None, defa
     return best, accuracy, note
 
 
+def _save_and_log(ctx, method: str, result: ClassifierSet) -> None:
+    if result.method != method:
+        raise ValueError(f"stage {method} built a classifier set named {result.method!r}")
+    path = save_classifier_set(ctx.run_dir, result)
+    ctx.append_metrics({"stage": method, "rows": [*result.rows, *result.ensembles], "chosen": result.chosen})
+    log.info("%s: wrote %s (%s)", method, path, "; ".join(result.notes) or "no choices made")
+
+
 def run_on_rank0(ctx, method: str, build: Callable[[FrozenInputs], ClassifierSet]) -> None:
     """The body of a stage-2 stage: rank 0 loads, builds, saves and logs; every rank meets at a barrier.
 
@@ -234,10 +265,14 @@ def run_on_rank0(ctx, method: str, build: Callable[[FrozenInputs], ClassifierSet
     returns the set saved as ``classifiers/<method>.pt``.
     """
     if ctx.dist.is_main:
-        result = build(load_frozen_inputs(ctx.run_dir, method))
-        if result.method != method:
-            raise ValueError(f"stage {method} built a classifier set named {result.method!r}")
-        path = save_classifier_set(ctx.run_dir, result)
-        ctx.append_metrics({"stage": method, "rows": [*result.rows, *result.ensembles], "chosen": result.chosen})
-        log.info("%s: wrote %s (%s)", method, path, "; ".join(result.notes) or "no choices made")
+        _save_and_log(ctx, method, build(load_frozen_inputs(ctx.run_dir, method)))
+    barrier()
+
+
+def run_on_all_ranks(ctx, method: str, build: Callable[[FrozenInputs], ClassifierSet]) -> None:
+    """As :func:`run_on_rank0`, but every rank loads the inputs and runs ``build`` (which may use
+    collectives, and must return the same set on every rank); rank 0 saves and logs."""
+    result = build(load_frozen_inputs(ctx.run_dir, method))
+    if ctx.dist.is_main:
+        _save_and_log(ctx, method, result)
     barrier()
