@@ -13,6 +13,7 @@ from ltdist.config import ConfigError, load_config, validate_config
 from ltdist.extension import extension_available
 from ltdist.methods import mpfa_retrain
 from ltdist.methods.classifier_set import classifier_path, load_classifier_sets, power_normalise
+from ltdist.methods.objectives.mpcl import prototypes_path
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import kt as kt_stage
 from ltdist.stages import mpfa as mpfa_stage
@@ -30,7 +31,7 @@ def write_meta_prototypes(run_dir) -> torch.Tensor:
     means = torch.zeros(6, FEATURE_DIM).index_add_(0, val["labels"], F.normalize(val["features"], dim=1))
     meta = F.normalize(means, dim=1)
     torch.save({"prototypes": meta.clone(), "meta_prototypes": meta, "space": "l2-normalised backbone features"},
-               mpfa_stage.prototypes_path(run_dir))
+               prototypes_path(run_dir))
     return meta
 
 

@@ -30,6 +30,7 @@ import torch
 from ltdist.methods.classifier_set import ClassifierSet, FrozenInputs, LinearScorer, run_on_all_ranks
 from ltdist.methods.mpfa import build_bank, empirical_centres, meta_centres, plan_augmentation
 from ltdist.methods.mpfa_retrain import RetrainSettings, retrain
+from ltdist.methods.objectives.mpcl import prototypes_path
 from ltdist.stages import StageContext
 from ltdist.stages.kt import classifiers_path as kt_path
 
@@ -37,11 +38,6 @@ log = logging.getLogger(__name__)
 
 ROWS = {"meta": "MPFA (meta-prototypes)", "empirical": "TailCalibX-style (empirical centres)"}
 ENSEMBLE = "MPFA + KT ensemble"
-
-
-def prototypes_path(run_dir: Path) -> Path:
-    """Where an MPCL train stage leaves its prototypes and meta-prototypes."""
-    return Path(run_dir) / "weights" / "prototypes.pt"
 
 
 def retrain_checkpoint(run_dir: Path, source: str) -> Path:

@@ -41,7 +41,10 @@ from ltdist.methods.objectives.base import TrainingObjective
 from ltdist.methods.objectives.meta_step import at_least_fp32, meta_gradient
 from ltdist.models import LongTailModel
 
-PROTOTYPES_FILE = "prototypes.pt"  # under <run_dir>/weights/
+
+def prototypes_path(run_dir: Path) -> Path:
+    """Where an MPCL run exports its prototypes and meta-prototypes (read by the mpfa stage)."""
+    return Path(run_dir) / "weights" / "prototypes.pt"
 
 
 class MetaPrototypeNet(nn.Module):
@@ -188,7 +191,7 @@ class MPCLObjective(TrainingObjective):
         with torch.no_grad():
             meta = None if self.meta_net is None else self.centres().float().cpu()
         torch_save_atomic({"prototypes": self.prototypes.float().cpu(), "meta_prototypes": meta,
-                           "space": "l2-normalised backbone features"}, Path(run_dir) / "weights" / PROTOTYPES_FILE)
+                           "space": "l2-normalised backbone features"}, prototypes_path(run_dir))
 
     def excluded_train_keys(self) -> dict[str, int]:
         if self.meta_set is None or self.meta_set.source != "train":
