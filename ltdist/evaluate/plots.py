@@ -49,8 +49,12 @@ def plot_per_class_accuracy(path: Path, train_counts: Sequence[int], per_class: 
     return path
 
 
-def plot_group_bars(path: Path, results: dict[str, dict[str, float | None]]) -> Path:
-    """Grouped bars: top-1 (%) per group (many, medium, few, all) for every classifier."""
+def plot_group_bars(path: Path, results: dict[str, dict[str, float | None]],
+                    errors: dict[str, dict[str, float | None]] | None = None, title: str | None = None) -> Path:
+    """Grouped bars: top-1 (%) per group (many, medium, few, all) for every classifier.
+
+    ``results`` and ``errors`` (error-bar half-lengths, e.g. the std over seeds) are fractions in [0, 1].
+    """
     columns = (*GROUPS, "all")
     names = list(results)
     width = 0.8 / max(len(names), 1)
@@ -59,10 +63,14 @@ def plot_group_bars(path: Path, results: dict[str, dict[str, float | None]]) -> 
     colours = plt.get_cmap("tab20").colors  # more classifiers than tab10 has colours
     for i, name in enumerate(names):
         heights = [100 * (results[name][c] if results[name][c] is not None else np.nan) for c in columns]
-        ax.bar(x + (i - (len(names) - 1) / 2) * width, heights, width, label=name, color=colours[i % 20])
+        yerr = None if errors is None else [100 * (errors[name][c] or 0.0) for c in columns]
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, heights, width, yerr=yerr, capsize=2 if yerr else 0,
+               label=name, color=colours[i % 20])
     ax.set_xticks(x, [f"{c}-shot" if c != "all" else "all" for c in columns])
     ax.set_ylabel("test top-1 (%)")
     ax.set_ylim(0, 100)
+    if title:
+        ax.set_title(title)
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))  # below: bars stay visible
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
