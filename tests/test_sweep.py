@@ -1,0 +1,64 @@
+"""``ltdist sweep``: presets × seeds planned into run dirs, done runs skipped, the comparison written."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ltdist.config import ConfigError
+from ltdist.launch import _write_config
+from ltdist.sweep import default_presets, main, plan_runs, preset_name
+
+PRESET = str(Path(__file__).resolve().parents[1] / "configs" / "experiment" / "fmnist_lt.yaml")
+
+
+def test_default_presets_are_those_that_set_a_stage1_objective(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    experiments = tmp_path / "configs" / "experiment"
+    experiments.mkdir(parents=True)
+    (experiments / "base.yaml").write_text("method:\n  loss: ce\n")
+    (experiments / "fmnist_lt_ce.yaml").write_text("defaults: [base.yaml]\n")
+    (experiments / "fmnist_lt_bs.yaml").write_text("method:\n  loss: balanced_softmax\n")
+    (experiments / "fmnist_lt_kt.yaml").write_text("method:\n  name: kt\n")
+    assert default_presets() == ["configs/experiment/fmnist_lt_bs.yaml", "configs/experiment/fmnist_lt_ce.yaml"]
+
+
+def test_plan_names_runs_by_preset_and_seed(tmp_path):
+    linear = f"{PRESET}+model.classifier=linear"
+    assert preset_name(linear) == "fmnist_lt_model.classifier-linear"
+    runs = plan_runs([PRESET, linear], 2, ["crt", "ncm"], ["trainer.max_steps=3"], tmp_path)
+    assert [(r.preset, r.seed) for r in runs] == [(PRESET, 0), (PRESET, 1), (linear, 0), (linear, 1)]
+    name = "fmnist_lt_model.classifier-linear"
+    assert runs[3].run_dir == tmp_path / name / name / "seed1"
+    cfg = runs[3].cfg
+    assert (cfg.model.classifier, cfg.trainer.seed, cfg.trainer.max_steps) == ("linear", 1, 3)
+    assert list(cfg.stages) == ["train", "extract", "crt", "ncm", "evaluate"]
+    assert runs[0].cfg.model.classifier == "cosine"
+    with pytest.raises(ConfigError, match="share a name"):
+        plan_runs([PRESET, PRESET], 1, ["crt"], [], tmp_path)
+    with pytest.raises(ConfigError, match=r"fmnist_lt\.yaml: stages: unknown stage 'nope'"):
+        plan_runs([PRESET], 1, ["nope"], [], tmp_path)
+
+
+def test_done_runs_are_skipped_and_compared(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["--presets", PRESET, f"{PRESET}+model.classifier=linear", "--seeds", "2", "--stages", "ncm",
+            "--out", str(out)]
+    runs = plan_runs([PRESET, f"{PRESET}+model.classifier=linear"], 2, ["ncm"], [], out)
+    for i, run in enumerate(runs):
+        _write_config(run.cfg, run.run_dir)
+        report = {"dataset": "fmnist_lt", "groups": {"many": [0], "medium": [], "few": [1]},
+                  "classifiers": {"NCM": {"many": 0.9, "medium": None, "few": 0.1 * i, "all": 0.5}}}
+        if i != 3:
+            (run.run_dir / "report.json").write_text(json.dumps(report))
+    assert main([*args, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert f"sweep directory: {out}" in printed and "3 already have report.json" in printed
+    assert f"pending  {PRESET}+model.classifier=linear seed 1: {runs[3].run_dir}" in printed
+    assert not (out / "comparison").exists()
+    (runs[3].run_dir / "report.json").write_text(json.dumps(report))  # the last run ends: nothing left to run
+    assert main(args) == 0
+    data = json.loads((out / "comparison" / "comparison.json").read_text())
+    assert [(m["stage1"], len(m["seeds"])) for m in data["methods"]] == [("ce (cosine head)", 2),
+                                                                          ("ce (linear head)", 2)]
+    assert data["methods"][0]["few"]["mean"] == pytest.approx(0.05)
