@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from stage_fixtures import make_run_dir, stage_context
 
+from ltdist.config import ConfigError, load_config, validate_config
 from ltdist.config.schema import RetrainConfig
 from ltdist.methods.classifier_set import LinearScorer, head_scorer, load_classifier_sets, load_frozen_inputs
 from ltdist.methods.decoupling import (
@@ -171,3 +172,14 @@ def test_every_baseline_stage_then_evaluate(run_dir):
     ncm_set = load_classifier_sets(run_dir)["ncm"]
     direct = ncm_set.rows["NCM"].scores(test["features"]).argmax(1) == test["labels"]
     assert report["classifiers"]["NCM"]["all"] == pytest.approx(direct.double().mean().item())
+
+
+def test_config_checks_the_baseline_keys():
+    cfg = load_config(overrides=["method.tau_norm.grid=[0.5,1.5]", "method.crt.sampling_power=2",
+                                 "method.lws.lr=0"])
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg)
+    problems = "\n".join(info.value.problems)
+    assert "method.tau_norm.default: must be one of the grid's values, got 1.0" in problems
+    assert "method.crt.sampling_power: must be in [0, 1]" in problems and "method.lws.lr:" in problems
+    validate_config(load_config(overrides=["method.logit_adjust.grid=[0.0,0.5]", "method.logit_adjust.default=0.5"]))
