@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ltdist.config.schema import NCMConfig, PostHocConfig, RetrainConfig
 from ltdist.data.sampling import class_probabilities
 from ltdist.methods.classifier_set import ClassifierSet, FrozenInputs, LinearScorer, head_scorer, select_on_val
 
@@ -46,13 +47,13 @@ def balanced_batches(labels: torch.Tensor, power: float, batch_size: int, steps:
         yield order[starts[classes] + within]
 
 
-def train_balanced(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg,
-                   seed: int) -> torch.Tensor:
+def train_balanced(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                   cfg: RetrainConfig, seed: int) -> torch.Tensor:
     """Fit ``module`` (inputs [B, D] → logits [B, C]) with cross-entropy on class-balanced batches.
 
-    ``cfg`` is a :class:`ltdist.config.schema.RetrainConfig` (SGD with momentum and weight decay, the lr
-    cosine-decayed per step to 0). An epoch is max_j(n_j) · (classes with samples) draws, the length of
-    classifier-balancing's ClassAwareSampler. ``inputs`` and ``module`` share a device.
+    ``cfg`` (the dataclass or its OmegaConf node): SGD with momentum and weight decay, the lr cosine-decayed
+    per step to 0 (classifier-balancing decays per epoch). An epoch is max_j(n_j) · (classes with samples)
+    draws, the length of classifier-balancing's ClassAwareSampler. ``inputs`` and ``module`` share a device.
     Returns [num_classes] int64: how often each class was drawn.
     """
     counts = torch.bincount(labels, minlength=num_classes)
@@ -75,13 +76,13 @@ def train_balanced(module: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     return seen
 
 
-def _sampling_note(cfg) -> str:
+def _sampling_note(cfg: RetrainConfig) -> str:
     sampling = "class-balanced" if cfg.sampling_power == 0 else f"q_j ∝ n_j^{cfg.sampling_power:g}"
     return (f"{cfg.epochs} epochs, {sampling} batches of {cfg.batch_size}, SGD lr {cfg.lr:g} (cosine to 0), "
             f"momentum {cfg.momentum:g}, weight decay {cfg.weight_decay:g}")
 
 
-def build_crt(inputs: FrozenInputs, cfg, seed: int, device: torch.device | str = "cpu") -> ClassifierSet:
+def build_crt(inputs: FrozenInputs, cfg: RetrainConfig, seed: int, device: torch.device | str = "cpu") -> ClassifierSet:
     """cRT: a new nn.Linear(F, C) (PyTorch's default initialisation) trained on the train features [N, F]."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -106,7 +107,7 @@ def tau_norm_scorer(head: LinearScorer, tau: float) -> LinearScorer:
     return LinearScorer("linear", tau_normalise(head.weight, tau))
 
 
-def build_tau_norm(inputs: FrozenInputs, cfg) -> ClassifierSet:
+def build_tau_norm(inputs: FrozenInputs, cfg: PostHocConfig) -> ClassifierSet:
     """τ-norm with τ chosen on val from ``cfg.grid`` (``cfg.default`` without a val split)."""
     head = head_scorer(inputs.head)
     candidates = {float(t): tau_norm_scorer(head, float(t)) for t in cfg.grid}
@@ -137,7 +138,7 @@ def lws_scorer(head: LinearScorer, scales: torch.Tensor) -> LinearScorer:
     return LinearScorer("linear", scales[:, None] * head.weight.float(), bias)
 
 
-def build_lws(inputs: FrozenInputs, cfg, seed: int, device: torch.device | str = "cpu") -> ClassifierSet:
+def build_lws(inputs: FrozenInputs, cfg: RetrainConfig, seed: int, device: torch.device | str = "cpu") -> ClassifierSet:
     """LWS: per-class scales on the frozen stage-1 head, trained on class-balanced train features."""
     head = head_scorer(inputs.head)
     scores = head.scores(inputs.train["features"]).to(device)  # frozen: computed once, [N, C]
@@ -164,7 +165,7 @@ def ncm_scorer(features: torch.Tensor, labels: torch.Tensor, num_classes: int, c
     return LinearScorer("linear", 2 * means, -means.pow(2).sum(dim=1), center=mean, normalize_features=True)
 
 
-def build_ncm(inputs: FrozenInputs, cfg) -> ClassifierSet:
+def build_ncm(inputs: FrozenInputs, cfg: NCMConfig) -> ClassifierSet:
     """NCM over the train features (``cfg.center``: classifier-balancing's "cl2n" features, else "l2n")."""
     scorer = ncm_scorer(inputs.train["features"], inputs.train["labels"], inputs.num_classes, cfg.center)
     features = "mean-centred, L2-normalised" if cfg.center else "L2-normalised"
@@ -179,7 +180,7 @@ def logit_adjusted_scorer(head: LinearScorer, train_counts: torch.Tensor, tau: f
     return replace(head, offset=(-tau * prior.log()).float())
 
 
-def build_logit_adjust(inputs: FrozenInputs, cfg) -> ClassifierSet:
+def build_logit_adjust(inputs: FrozenInputs, cfg: PostHocConfig) -> ClassifierSet:
     """Post-hoc logit adjustment of the stage-1 head, τ chosen on val from ``cfg.grid``."""
     head = head_scorer(inputs.head)
     candidates = {float(t): logit_adjusted_scorer(head, inputs.train_counts, float(t)) for t in cfg.grid}
