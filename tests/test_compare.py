@@ -4,8 +4,10 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from ltdist.evaluate.compare import find_runs, main
+from ltdist.methods.classifier_set import ClassifierSet, LinearScorer, save_classifier_set
 
 GROUPS = {"many": [0], "medium": [1], "few": [2]}
 
@@ -28,7 +30,9 @@ def test_compare_aggregates_mean_and_std_over_seeds(tmp_path, capsys):
     for seed, few in enumerate(ce_few):
         _run(tmp_path / "runs", "ce", seed, {"cosine": (0.9, few), "cRT": (0.8, few + 0.2)})  # no method.loss: "ce"
     for seed, many in enumerate([0.70, 0.74]):
-        _run(tmp_path / "runs", "bs", seed, {"cosine": (many, 0.5)}, loss="balanced_softmax")
+        run_dir = _run(tmp_path / "runs", "bs", seed, {"cosine": (many, 0.5)}, loss="balanced_softmax")
+    save_classifier_set(run_dir, ClassifierSet("tau_norm", {"τ-norm": LinearScorer("linear", torch.eye(3))},
+                                               chosen={"tau": 0.7, "val_accuracy": {"0.7": 0.5}}))
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
     data = json.loads((tmp_path / "out" / "comparison.json").read_text())
     methods = {(m["stage1"], m["stage2"]): m for m in data["methods"]}
@@ -43,6 +47,9 @@ def test_compare_aggregates_mean_and_std_over_seeds(tmp_path, capsys):
     assert "| ce (cosine head) | cosine | 90.0 ± 0.0 | 50.0 ± 0.0 | 30.0 ± 26.5 | 60.0 ± 13.2 | 3 |" in md
     assert "|  | cRT | 80.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 26.5 | 65.0 ± 13.2 | 3 |" in md
     assert "| balanced_softmax (cosine head) | cosine | 72.0 ± 2.8 |" in md
+    assert f"- `{run_dir}`: balanced_softmax (cosine head), seed 1; chosen on val: tau_norm tau = 0.7" in md
+    chosen = {r["run_dir"]: r["chosen_on_val"] for r in data["runs"]}
+    assert chosen[str(run_dir)] == {"tau_norm": {"tau": 0.7}} and list(chosen.values()).count({}) == 4
     assert (tmp_path / "out" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "png: " in capsys.readouterr().out
     assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "o2"), "--classifiers", "cRT"]) == 0

@@ -7,7 +7,8 @@ A RUN_DIR is a run directory (``report.json`` + ``config.yaml``) or any director
 the key is absent) with its ``model.classifier`` head; runs of the same experiment and objective are the
 seeds of one method, and every classifier row of their reports (the head, kt, crt, tau_norm, ...) is
 averaged over them with :func:`ltdist.evaluate.aggregate.aggregate_reports` (mean ± sample std).
-Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` (grouped bars, error bars = std).
+Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` (grouped bars, error bars = std);
+the run list says what each run's stage-2 stages chose on val (τ, the KT k set).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from omegaconf import OmegaConf
 from ltdist.evaluate.aggregate import aggregate_reports, mean_std_cell
 from ltdist.evaluate.plots import plot_group_bars
 from ltdist.evaluate.report import COLUMNS
+from ltdist.methods.classifier_set import load_classifier_sets
 
+CHOSEN_KEYS = ("tau", "ks")  # what tau_norm, logit_adjust and kt_val choose on val
 COLUMN_TITLES = {"many": "Many-shot", "medium": "Medium-shot", "few": "Few-shot", "all": "All"}
 
 
@@ -41,6 +44,12 @@ class RunInfo:
     @property
     def report(self) -> Path:
         return self.run_dir / "report.json"
+
+    def chosen_on_val(self) -> dict[str, dict]:
+        """Stage-2 file → its parameters chosen on val (τ, k set), for the files that chose any."""
+        sets = load_classifier_sets(self.run_dir)
+        picked = {m: {k: v for k, v in r.chosen.items() if k in CHOSEN_KEYS} for m, r in sets.items()}
+        return {m: p for m, p in picked.items() if p}
 
 
 def find_runs(paths: Sequence[Path]) -> list[RunInfo]:
@@ -114,12 +123,13 @@ def format_comparison(rows: Sequence[dict]) -> str:
 def write_comparison(rows: Sequence[dict], runs: Sequence[RunInfo], out_dir: Path) -> dict[str, Path]:
     """comparison.md / .json / .png in ``out_dir``; returns their paths by suffix."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    chosen = {r.run_dir: r.chosen_on_val() for r in runs}
     paths = {suffix: out_dir / f"comparison.{suffix}" for suffix in ("md", "json", "png")}
     as_dict = lambda v: None if v is None else {"mean": v[0], "std": v[1], "runs": v[2]}
     paths["json"].write_text(json.dumps({
         "columns": list(COLUMNS),
         "runs": [{"run_dir": str(r.run_dir), "experiment": r.experiment, "objective": r.objective, "head": r.head,
-                  "seed": r.seed} for r in runs],
+                  "seed": r.seed, "chosen_on_val": chosen[r.run_dir]} for r in runs],
         "methods": [{"stage1": r["stage1"], "stage2": r["stage2"], "seeds": r["seeds"],
                      **{c: as_dict(r[c]) for c in COLUMNS}} for r in rows]}, indent=2) + "\n")
     names = [f"{r['stage1']} × {r['stage2']}" for r in rows]
@@ -131,7 +141,10 @@ def write_comparison(rows: Sequence[dict], runs: Sequence[RunInfo], out_dir: Pat
           f"{len(runs)} runs; top-1 (%) on the test split, mean ± sample std over the seeds of each stage-1 "
           "objective; many / medium / few: mean per-class accuracy of the group, All: every test sample.", "",
           format_comparison(rows), "", "## Runs", ""]
-    md += [f"- `{r.run_dir}`: {r.objective} ({r.head} head), seed {r.seed}" for r in runs]
+    for r in runs:
+        picks = "; ".join(f"{m} " + ", ".join(f"{k} = {v}" for k, v in p.items()) for m, p in chosen[r.run_dir].items())
+        md.append(f"- `{r.run_dir}`: {r.objective} ({r.head} head), seed {r.seed}"
+                  + (f"; chosen on val: {picks}" if picks else ""))
     md += ["", f"![comparison]({paths['png'].name})", ""]
     paths["md"].write_text("\n".join(md))
     return paths
