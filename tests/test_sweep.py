@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from ltdist.cli import main as cli_main
 from ltdist.config import ConfigError
 from ltdist.launch import _write_config
 from ltdist.sweep import default_presets, main, plan_runs, preset_name
@@ -62,3 +63,10 @@ def test_done_runs_are_skipped_and_compared(tmp_path, capsys):
     assert [(m["stage1"], len(m["seeds"])) for m in data["methods"]] == [("ce (cosine head)", 2),
                                                                           ("ce (linear head)", 2)]
     assert data["methods"][0]["few"]["mean"] == pytest.approx(0.05)
+
+
+def test_cli_dispatches_sweep_and_compare(tmp_path, capsys):
+    assert cli_main(["sweep", "--presets", PRESET, "--seeds", "1", "--out", str(tmp_path), "--dry-run"]) == 0
+    assert f"pending  {PRESET} seed 0: {tmp_path / 'fmnist_lt' / 'fmnist_lt' / 'seed0'}" in capsys.readouterr().out
+    assert cli_main(["compare", str(tmp_path)]) == 2
+    assert "no report.json at or below it" in capsys.readouterr().err
