@@ -1,10 +1,13 @@
 """``ltdist sweep``: presets × seeds planned into run dirs, done runs skipped, the comparison written."""
 
+import contextlib
 import json
+import types
 from pathlib import Path
 
 import pytest
 
+from ltdist import sweep
 from ltdist.cli import main as cli_main
 from ltdist.config import ConfigError
 from ltdist.launch import _write_config
@@ -70,3 +73,44 @@ def test_cli_dispatches_sweep_and_compare(tmp_path, capsys):
     assert f"pending  {PRESET} seed 0: {tmp_path / 'fmnist_lt' / 'fmnist_lt' / 'seed0'}" in capsys.readouterr().out
     assert cli_main(["compare", str(tmp_path)]) == 2
     assert "no report.json at or below it" in capsys.readouterr().err
+
+
+class _FakeExecutor:
+    """Records what the sweep asks of submitit; a submitted job 'runs' by writing its report at once."""
+
+    def __init__(self):
+        self.parameters, self.batches, self.submitted = {}, 0, []
+
+    def update_parameters(self, **kwargs):
+        self.parameters.update(kwargs)
+
+    @contextlib.contextmanager
+    def batch(self):
+        self.batches += 1
+        yield
+
+    def submit(self, job):
+        self.submitted.append(job.run_dir)
+        report = {"dataset": "fmnist_lt", "groups": {"many": [0], "medium": [], "few": [1]},
+                  "classifiers": {"NCM": {"many": 0.5, "medium": None, "few": 0.5, "all": 0.5}}}
+        (job.run_dir / "report.json").write_text(json.dumps(report))
+        paths = types.SimpleNamespace(stdout=job.run_dir / "log.out")
+        return types.SimpleNamespace(job_id=f"7_{len(self.submitted) - 1}", paths=paths)
+
+
+def test_slurm_runs_are_one_job_array(tmp_path, monkeypatch, capsys):
+    executor = _FakeExecutor()
+    built = []
+    monkeypatch.setattr(sweep, "build_executor", lambda cluster, cfg, folder: built.append((cluster, folder))
+                        or executor)
+    monkeypatch.setattr(sweep, "follow_job", lambda job, cluster: 0)
+    args = ["--presets", PRESET, "--seeds", "3", "--cluster", "slurm", "--stages", "ncm", "--out", str(tmp_path),
+            "--array-parallelism", "2", "launch.partition=gpu"]
+    assert sweep.main(args) == 0
+    assert built == [("slurm", tmp_path / "logs")] and executor.batches == 1
+    assert executor.parameters == {"slurm_array_parallelism": 2}
+    assert executor.submitted == [tmp_path / "fmnist_lt" / "fmnist_lt" / f"seed{s}" for s in range(3)]
+    assert all((d / "config.yaml").is_file() for d in executor.submitted)
+    assert "job 7_2: " in capsys.readouterr().out
+    assert (tmp_path / "comparison" / "comparison.md").is_file()
+    assert sweep.main(args) == 0 and len(executor.submitted) == 3  # resumed: nothing left to submit
