@@ -111,7 +111,8 @@ def head_scorer(head: torch.nn.Module) -> LinearScorer:
 class Scorer(Protocol):
     """Anything :func:`select_on_val` can rank: scores [B, C] for features [B, F]."""
 
-    num_classes: int
+    @property
+    def num_classes(self) -> int: ...
 
     def scores(self, features: torch.Tensor) -> torch.Tensor: ...
 
