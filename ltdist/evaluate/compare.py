@@ -7,8 +7,9 @@ A RUN_DIR is a run directory (``report.json`` + ``config.yaml``) or any director
 the key is absent) with its ``model.classifier`` head; runs of the same experiment and objective are the
 seeds of one method, and every classifier row of their reports (the head, kt, crt, tau_norm, ...) is
 averaged over them with :func:`ltdist.evaluate.aggregate.aggregate_reports` (mean ± sample std).
-Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` (grouped bars, error bars = std);
-the run list says what each run's stage-2 stages chose on val (τ, the KT k set).
+Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` (one panel per column, a bar per
+method coloured by stage-1 objective, error bars = std); the run list says what each run's stage-2
+stages chose on val (τ, the KT k set).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ltdist.evaluate.aggregate import aggregate_reports, mean_std_cell
-from ltdist.evaluate.plots import plot_group_bars
+from ltdist.evaluate.plots import plot_comparison
 from ltdist.evaluate.report import COLUMNS
 from ltdist.methods.classifier_set import load_classifier_sets
 
@@ -132,11 +133,11 @@ def write_comparison(rows: Sequence[dict], runs: Sequence[RunInfo], out_dir: Pat
                   "seed": r.seed, "chosen_on_val": chosen[r.run_dir]} for r in runs],
         "methods": [{"stage1": r["stage1"], "stage2": r["stage2"], "seeds": r["seeds"],
                      **{c: as_dict(r[c]) for c in COLUMNS}} for r in rows]}, indent=2) + "\n")
-    names = [f"{r['stage1']} × {r['stage2']}" for r in rows]
-    means = {n: {c: None if r[c] is None else r[c][0] for c in COLUMNS} for n, r in zip(names, rows)}
-    stds = {n: {c: None if r[c] is None else r[c][1] for c in COLUMNS} for n, r in zip(names, rows)}
     seeds = sorted({len(r["seeds"]) for r in rows})
-    plot_group_bars(paths["png"], means, stds, title=f"test top-1, mean ± std over {'/'.join(map(str, seeds))} seeds")
+    plot_comparison(paths["png"], [r["stage1"] for r in rows], [r["stage2"] for r in rows],
+                    {c: [None if r[c] is None else r[c][0] for r in rows] for c in COLUMNS},
+                    {c: [None if r[c] is None else r[c][1] for r in rows] for c in COLUMNS},
+                    title=f"mean ± std over {'/'.join(map(str, seeds))} seeds")
     md = ["# Long-tail comparison", "",
           f"{len(runs)} runs; top-1 (%) on the test split, mean ± sample std over the seeds of each stage-1 "
           "objective; many / medium / few: mean per-class accuracy of the group, All: every test sample.", "",
