@@ -7,7 +7,8 @@ A preset is a YAML file, optionally followed by ``+key=value`` overrides of its 
 ``configs/experiment/fmnist_lt.yaml+model.classifier=linear``; by default every
 ``configs/experiment/fmnist_lt_*.yaml`` that sets ``method.loss``. Run ``<preset name>`` seed s lives in
 ``<out>/<name>/<name>/seed<s>`` (``experiment`` = the preset's name, so ``compare`` tells presets apart).
-The ``key=value`` overrides apply to every run. A run whose directory already has ``report.json`` is
+The ``key=value`` overrides apply to every run. A run's stages are (doctor,) train, extract, the preset's own
+stage-2 stages, those of ``--stages``, then evaluate. A run whose directory already has ``report.json`` is
 skipped, so re-running the same command resumes. Local runs go one after another on this machine (each
 is CPU- or GPU-bound); on Slurm all pending runs are one submitit job array. When every run is done,
 ``<out>/comparison/`` gets the comparison (:mod:`ltdist.evaluate.compare`).
@@ -29,6 +30,7 @@ from ltdist.evaluate.compare import compare_runs, find_runs, format_comparison, 
 from ltdist.launch import _write_config, build_executor, follow_job, resolve_run_dir
 
 DEFAULT_PRESETS = "configs/experiment/fmnist_lt_*.yaml"
+PIPELINE = ("train", "extract", "evaluate")  # every run's stages around the stage-2 ones
 DEFAULT_STAGE2 = ("kt", "crt", "tau_norm", "lws", "ncm", "logit_adjust")
 
 
@@ -62,6 +64,14 @@ def preset_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
+def run_stages(preset: list[str], stage2: list[str]) -> list[str]:
+    """[doctor if the preset has it,] train, extract, the preset's own stage-2 stages (e.g. mpfa), then
+    ``stage2``'s others, evaluate."""
+    checks = [s for s in preset if s == "doctor"]
+    own = [s for s in preset if s not in (*PIPELINE, *checks)]
+    return [*checks, "train", "extract", *own, *(s for s in stage2 if s not in own), "evaluate"]
+
+
 def plan_runs(presets: list[str], seeds: int, stage2: list[str], overrides: list[str], out: Path) -> list[PlannedRun]:
     """Every (preset, seed) with its validated config; raises ConfigError naming the preset."""
     names = [preset_name(spec) for spec in presets]
@@ -72,9 +82,10 @@ def plan_runs(presets: list[str], seeds: int, stage2: list[str], overrides: list
         path, *own = spec.split("+")
         for seed in range(seeds):
             fixed = [f"experiment={name}", f"trainer.seed={seed}", f"output.root={out / name}",
-                     f"output.run_id=seed{seed}", f"stages=[train,extract,{','.join(stage2)},evaluate]"]
+                     f"output.run_id=seed{seed}"]
             try:
                 cfg = load_config(path, [*own, *overrides, *fixed])
+                cfg.stages = run_stages(list(cfg.stages), stage2)
                 validate_config(cfg)
             except ConfigError as exc:
                 raise ConfigError([f"preset {spec}: {p}" for p in exc.problems]) from exc
@@ -125,7 +136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1 per preset (default: 3)")
     parser.add_argument("--cluster", choices=("local", "slurm"), default="local")
     parser.add_argument("--stages", default=",".join(DEFAULT_STAGE2),
-                        help=f"stage-2 stages after train, extract (default: {','.join(DEFAULT_STAGE2)})")
+                        help=f"stage-2 stages after train, extract and the preset's own "
+                             f"(default: {','.join(DEFAULT_STAGE2)})")
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory (default: runs/sweep)")
     parser.add_argument("--array-parallelism", type=int, default=16, help="Slurm: array tasks running at once")
     parser.add_argument("--no-wait", action="store_true",

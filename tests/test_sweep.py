@@ -11,7 +11,7 @@ from ltdist import sweep
 from ltdist.cli import main as cli_main
 from ltdist.config import ConfigError
 from ltdist.launch import _write_config
-from ltdist.sweep import default_presets, main, plan_runs, preset_name
+from ltdist.sweep import default_presets, main, plan_runs, preset_name, run_stages
 
 PRESET = str(Path(__file__).resolve().parents[1] / "configs" / "experiment" / "fmnist_lt.yaml")
 
@@ -36,7 +36,9 @@ def test_plan_names_runs_by_preset_and_seed(tmp_path):
     assert runs[3].run_dir == tmp_path / name / name / "seed1"
     cfg = runs[3].cfg
     assert (cfg.model.classifier, cfg.trainer.seed, cfg.trainer.max_steps) == ("linear", 1, 3)
-    assert list(cfg.stages) == ["train", "extract", "crt", "ncm", "evaluate"]
+    assert list(cfg.stages) == ["train", "extract", "kt", "crt", "ncm", "evaluate"]  # the preset's kt stays
+    assert run_stages(["doctor", "train", "extract", "mpfa", "evaluate"], ["kt", "mpfa"]) == [
+        "doctor", "train", "extract", "mpfa", "kt", "evaluate"]
     assert runs[0].cfg.model.classifier == "cosine"
     with pytest.raises(ConfigError, match="share a name"):
         plan_runs([PRESET, PRESET], 1, ["crt"], [], tmp_path)
