@@ -150,13 +150,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.out.absolute()
-    presets = args.presets or default_presets()
     try:
+        presets = args.presets or default_presets()
         if not presets:
             raise ConfigError([f"--presets: no preset given and none of {DEFAULT_PRESETS} sets method.loss"])
         if args.seeds < 1:
             raise ConfigError([f"--seeds: must be ≥ 1, got {args.seeds}"])
         runs = plan_runs(presets, args.seeds, [s for s in args.stages.split(",") if s], args.overrides, out)
+        if args.cluster == "local" and any(run.cfg.launch.nodes != 1 for run in runs):
+            raise ConfigError(["launch.nodes: the local executor runs on one node"])
     except ConfigError as exc:
         print(f"ltdist sweep: {exc}", file=sys.stderr)
         return 2

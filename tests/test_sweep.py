@@ -73,6 +73,8 @@ def test_done_runs_are_skipped_and_compared(tmp_path, capsys):
 def test_cli_dispatches_sweep_and_compare(tmp_path, capsys):
     assert cli_main(["sweep", "--presets", PRESET, "--seeds", "1", "--out", str(tmp_path), "--dry-run"]) == 0
     assert f"pending  {PRESET} seed 0: {tmp_path / 'fmnist_lt' / 'fmnist_lt' / 'seed0'}" in capsys.readouterr().out
+    assert cli_main(["sweep", "--presets", PRESET, "--out", str(tmp_path), "launch.nodes=2"]) == 2
+    assert "launch.nodes: the local executor runs on one node" in capsys.readouterr().err
     assert cli_main(["compare", str(tmp_path)]) == 2
     assert "no report.json at or below it" in capsys.readouterr().err
 
