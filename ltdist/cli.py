@@ -10,6 +10,8 @@ COMMANDS = {
     "launch": "ltdist.launch",
     "shards": "ltdist.data.shards",
     "stats": "ltdist.data.stats",
+    "compare": "ltdist.evaluate.compare",
+    "sweep": "ltdist.sweep",
 }
 BENCHMARKS = {
     "kernels": "ltdist.kernels.bench",
@@ -25,6 +27,8 @@ commands:
   launch         submit a job (local or Slurm): ltdist launch --cluster slurm [key=value ...]
   shards         write webdataset shards + index.json from a raw dataset
   stats          what the rebalancing stream will emit, per class, per rank
+  compare        one table (mean ± std over seeds) of every method across run dirs: ltdist compare RUN_DIR...
+  sweep          run presets × seeds (local or a Slurm job array), then compare: ltdist sweep --seeds 3
   bench kernels  kernel microbenchmarks (Triton / C++ / CUDA vs PyTorch)
   bench engine   DeepSpeed step time vs a plain PyTorch loop
   bench objectives  a stage-1 objective's step (MPCL with/without meta step) vs a cross-entropy step

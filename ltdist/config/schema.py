@@ -81,6 +81,9 @@ class KTConfig:
     ks: list[int] = field(default_factory=lambda: [0, 20, 100])  # count thresholds k, sorted
     tau: float = 10.0  # attention temperature
     prototypes_from: str = "train"  # train | val
+    # Also choose τ (from tau_grid) and the ensemble's k (a non-empty subset of ks) on val: classifiers/kt_val.pt.
+    select_on_val: bool = False
+    tau_grid: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 20.0, 50.0])
 
 
 @dataclass
@@ -129,6 +132,35 @@ class MPFAConfig:
     weight_decay: float = 5e-4
 
 
+def _grid_0_to_2() -> list[float]:
+    return [round(0.1 * i, 1) for i in range(21)]  # 0, 0.1, …, 2: classifier-balancing's tau_norm.py grid
+
+
+@dataclass
+class RetrainConfig:
+    """A classifier trained on the frozen train features (cRT, LWS); defaults: classifier-balancing's cls_crt."""
+
+    epochs: int = 10  # passes of max_j(n_j) · C sampled features (classifier-balancing's ClassAwareSampler)
+    batch_size: int = 512
+    lr: float = 0.2  # cosine-decayed to 0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    sampling_power: float = 0.0  # q_j ∝ n_j^p over the features: 0 class balanced
+
+
+@dataclass
+class PostHocConfig:
+    """A parameter chosen on val from ``grid``; ``default`` when the dataset has no val split."""
+
+    grid: list[float] = field(default_factory=_grid_0_to_2)
+    default: float = 1.0
+
+
+@dataclass
+class NCMConfig:
+    center: bool = True  # subtract the mean train feature before normalising (classifier-balancing's "cl2n")
+
+
 @dataclass
 class MethodConfig:
     # Stage-1 training objective: ce | balanced_softmax | logit_adjusted | mpcl (ltdist.methods.objectives).
@@ -138,6 +170,12 @@ class MethodConfig:
     kt: KTConfig = field(default_factory=KTConfig)
     mpcl: MPCLConfig = field(default_factory=MPCLConfig)
     mpfa: MPFAConfig = field(default_factory=MPFAConfig)
+    # Stage-2 baselines on the frozen backbone (stages crt, tau_norm, lws, ncm, logit_adjust).
+    crt: RetrainConfig = field(default_factory=RetrainConfig)
+    lws: RetrainConfig = field(default_factory=lambda: RetrainConfig(epochs=5))  # classifier-balancing's cls_lws
+    tau_norm: PostHocConfig = field(default_factory=PostHocConfig)  # τ of w_i / ‖w_i‖^τ
+    logit_adjust: PostHocConfig = field(default_factory=PostHocConfig)  # τ of scores − τ · log π
+    ncm: NCMConfig = field(default_factory=NCMConfig)
 
 
 @dataclass
@@ -180,7 +218,7 @@ class OutputConfig:
 @dataclass
 class Config:
     experiment: str = "default"
-    # Stages run in order by every job: doctor, train, extract, kt, evaluate.
+    # Stages run in order by every job: doctor, train, extract, kt (or crt, tau_norm, lws, ncm, logit_adjust), evaluate.
     stages: list[str] = field(default_factory=lambda: ["train", "extract", "kt", "evaluate"])
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

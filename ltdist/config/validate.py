@@ -120,6 +120,20 @@ def validate_config(cfg: DictConfig) -> None:
         problems.append(f"method.kt.ks: thresholds must be non-negative, strictly increasing, non-empty, got {ks}")
     check("method.kt.tau", positive, "temperature τ must be > 0")
     one_of("method.kt.prototypes_from", ("train", "val"))
+    check("method.kt.tau_grid", lambda v: len(v) > 0 and all(t > 0 for t in v), "temperatures must be > 0, non-empty")
+    check("method.kt.ks", lambda v: not cfg.method.kt.select_on_val or len(v) <= 6,
+          "at most 6 thresholds with select_on_val (every non-empty subset is a candidate)")
+    for name in ("crt", "lws"):
+        check(f"method.{name}.epochs", at_least_one, "must be ≥ 1")
+        check(f"method.{name}.batch_size", at_least_one, "must be ≥ 1")
+        check(f"method.{name}.lr", positive, "learning rate must be > 0")
+        check(f"method.{name}.momentum", lambda v: v is not None and 0 <= v < 1, "must be in [0, 1)")
+        check(f"method.{name}.weight_decay", non_negative, "must be ≥ 0")
+        check(f"method.{name}.sampling_power", unit_interval, "must be in [0, 1] (0 class balanced)")
+    for name in ("tau_norm", "logit_adjust"):
+        check(f"method.{name}.grid", lambda v: len(v) > 0 and all(t >= 0 for t in v), "must be non-empty, each ≥ 0")
+        check(f"method.{name}.default", lambda v, n=name: v in list(OmegaConf.select(cfg, f"method.{n}.grid")),
+              "must be one of the grid's values")
     mpcl = cfg.method.mpcl
     check("method.mpcl.lam", non_negative, "must be ≥ 0")
     check("method.mpcl.tau", positive, "temperature τ must be > 0")

@@ -38,13 +38,17 @@ def aggregate_reports(paths: Sequence[Path]) -> dict[str, dict[str, tuple[float,
     return table
 
 
+def mean_std_cell(value: tuple[float, float, int] | None) -> str:
+    """"mean ± std" in percent for a (mean, std, runs) of fractions; "N/A" for None."""
+    return "N/A" if value is None else f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
+
+
 def format_mean_std_table(table: dict[str, dict[str, tuple[float, float, int] | None]],
                           names: Sequence[str] | None = None) -> str:
     """Markdown rows "mean ± std" in percent, columns Many / Medium / Few / Total (paper 1 Table 1)."""
     lines = ["| Classifier type | Many-shot | Medium-shot | Few-shot | Total |", "|---|---:|---:|---:|---:|"]
     for name in names or list(table):
-        cells = ["N/A" if table[name][c] is None else f"{100 * table[name][c][0]:.1f} ± {100 * table[name][c][1]:.1f}"
-                 for c in COLUMNS]
+        cells = [mean_std_cell(table[name][c]) for c in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -70,3 +70,40 @@ def plot_group_bars(path: Path, results: dict[str, dict[str, float | None]]) -> 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_comparison(path: Path, stage1: Sequence[str], stage2: Sequence[str],
+                    means: dict[str, Sequence[float | None]], stds: dict[str, Sequence[float | None]],
+                    title: str = "") -> Path:
+    """One panel per column (many, medium, few, all): a bar per method with its error bar, coloured by stage 1.
+
+    Method i is (``stage1[i]``, ``stage2[i]``); ``means[column][i]`` and ``stds[column][i]`` are fractions in
+    [0, 1] (None: no class in the group). Horizontal bars keep dozens of methods readable.
+    """
+    columns = (*GROUPS, "all")
+    n = len(stage2)
+    objectives = list(dict.fromkeys(stage1))
+    palette = plt.get_cmap("tab10").colors
+    colours = [palette[objectives.index(s) % 10] for s in stage1]
+    fig, axes = plt.subplots(1, len(columns), sharey=True, figsize=(14, 1.6 + 0.24 * n))
+    y = np.arange(n)
+    as_percent = lambda values: [np.nan if v is None else 100 * v for v in values]
+    for ax, column in zip(axes, columns):
+        ax.barh(y, as_percent(means[column]), xerr=np.nan_to_num(as_percent(stds[column])), color=colours,
+                capsize=2, error_kw={"elinewidth": 0.8})
+        ax.set_xlim(0, 100)
+        ax.set_title(f"{column}-shot" if column != "all" else "all")
+        ax.grid(axis="x", alpha=0.3)
+        for boundary in [i - 0.5 for i in range(1, n) if stage1[i] != stage1[i - 1]]:
+            ax.axhline(boundary, color="grey", lw=0.6)
+    axes[0].set_yticks(y, stage2, fontsize=7)
+    axes[0].invert_yaxis()  # the first method on top, as in the Markdown table
+    fig.supxlabel("test top-1 (%)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[i % 10]) for i in range(len(objectives))]
+    fig.legend(handles, objectives, loc="upper center", ncol=min(len(objectives), 4), fontsize=8,
+               title=title or None, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the legend above the panels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

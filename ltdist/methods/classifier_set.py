@@ -8,9 +8,11 @@ rows, each a :class:`LinearScorer` (or an ensemble of other rows), plus what the
 ``evaluate`` scores every row of every file it finds.
 
 - :class:`LinearScorer`: scores [B, C] = s · f̂ Ŵᵀ (cosine) or f Wᵀ + b (linear), plus a per-class
-  offset [C] (post-hoc logit adjustment). Every baseline folds into one: τ-norm and LWS rescale W,
-  NCM is a cosine scorer over class means. A scorer trained in a transformed feature space (MPFA's
-  Tukey power) carries that transform (``feature_power``, :func:`power_normalise`).
+  offset [C] (post-hoc logit adjustment); features may first be centred and (linear) L2-normalised.
+  Every baseline folds into one: τ-norm and LWS rescale W (and b), NCM is a linear scorer on centred,
+  normalised features (−‖f̂ − μ_i‖² up to a constant). A scorer trained in a transformed feature space
+  (MPFA's Tukey power) carries that transform (``feature_power``, :func:`power_normalise`).
+- :func:`head_scorer`: the stage-1 head as a scorer.
 - :func:`load_frozen_inputs`: train / val / test features, training counts, the stage-1 head.
 - :func:`select_on_val`: the candidate with the best val accuracy; test is never looked at.
 - :func:`run_on_rank0`: the stage skeleton (rank 0 computes and saves, the other ranks wait);
@@ -23,7 +25,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +58,10 @@ class LinearScorer:
     """One classifier over frozen features.
 
     kind "cosine": scores = scale · normalise(f) · normalise(weight)ᵀ (+ offset);
-    kind "linear": scores = f · weightᵀ + bias (+ offset).
-    ``weight`` [C, F] float32, ``bias`` [C] or None, ``offset`` [C] or None (added to every sample's scores).
-    ``feature_power`` λ or None: when set, f is first replaced by :func:`power_normalise` (f, λ), the
-    space the scorer was trained in.
+    kind "linear": scores = f · weightᵀ + bias (+ offset), with f normalised first if ``normalize_features``.
+    ``weight`` [C, F] float32, ``bias`` [C] or None, ``offset`` [C] or None (added to every sample's scores),
+    ``center`` [F] or None (subtracted from every feature before the scoring). ``feature_power`` λ or None:
+    when set, f is first replaced by :func:`power_normalise` (f, λ), the space the scorer was trained in.
     """
 
     kind: str
@@ -67,6 +69,8 @@ class LinearScorer:
     bias: torch.Tensor | None = None
     scale: float = 1.0
     offset: torch.Tensor | None = None
+    center: torch.Tensor | None = None
+    normalize_features: bool = False
     feature_power: float | None = None
 
     def __post_init__(self) -> None:
@@ -77,6 +81,9 @@ class LinearScorer:
             value = getattr(self, name)
             if value is not None and value.shape != (num_classes,):
                 raise ValueError(f"LinearScorer.{name} must have shape [{num_classes}], got {tuple(value.shape)}")
+        if self.center is not None and self.center.shape != self.weight.shape[1:]:
+            raise ValueError(f"LinearScorer.center must have shape [{self.weight.shape[1]}], "
+                             f"got {tuple(self.center.shape)}")
         if not bool(torch.isfinite(self.weight).all()):
             raise ValueError("LinearScorer.weight has non-finite values")
 
@@ -90,9 +97,13 @@ class LinearScorer:
         features = features.float()
         if self.feature_power is not None:
             features = power_normalise(features, self.feature_power)
+        if self.center is not None:
+            features = features - self.center.to(features.device, torch.float32)
         if self.kind == "cosine":
             out = self.scale * F.normalize(features, dim=1) @ F.normalize(weight, dim=1).T
         else:
+            if self.normalize_features:
+                features = F.normalize(features, dim=1)
             out = features @ weight.T
             if self.bias is not None:
                 out = out + self.bias.to(features.device, torch.float32)
@@ -101,14 +112,30 @@ class LinearScorer:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "weight": self.weight.detach().float().cpu(),
-                "bias": None if self.bias is None else self.bias.detach().float().cpu(), "scale": float(self.scale),
-                "offset": None if self.offset is None else self.offset.detach().float().cpu(),
-                "feature_power": self.feature_power}
+        tensor = lambda t: None if t is None else t.detach().float().cpu()
+        return {"kind": self.kind, "weight": tensor(self.weight), "bias": tensor(self.bias), "scale": float(self.scale),
+                "offset": tensor(self.offset), "center": tensor(self.center),
+                "normalize_features": bool(self.normalize_features), "feature_power": self.feature_power}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> LinearScorer:
         return cls(**state)
+
+
+def head_scorer(head: torch.nn.Module) -> LinearScorer:
+    """The stage-1 head as a scorer: a cosine head (weight, scale) or a linear one (weight, bias)."""
+    if hasattr(head, "scale"):
+        return LinearScorer("cosine", head.weight.detach().float(), scale=float(head.scale.detach()))
+    return LinearScorer("linear", head.weight.detach().float(), head.bias.detach().float())
+
+
+class Scorer(Protocol):
+    """Anything :func:`select_on_val` can rank: scores [B, C] for features [B, F]."""
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass
@@ -224,7 +251,7 @@ def balanced_accuracy(scores: torch.Tensor, labels: torch.Tensor, num_classes: i
     return float((per_class[mask] / present[mask]).mean())
 
 
-def select_on_val(candidates: Mapping[Any, LinearScorer], val: dict | None, default: Any,
+def select_on_val(candidates: Mapping[Any, Scorer], val: dict | None, default: Any,
                   what: str) -> tuple[Any, dict[str, float], str]:
     """Pick the candidate with the best mean per-class top-1 on val (ties: the first in order).
 

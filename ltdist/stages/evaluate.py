@@ -28,7 +28,7 @@ from ltdist.evaluate import (
     plot_per_class_accuracy,
     write_report,
 )
-from ltdist.methods.classifier_set import KT_FILE, ClassifierSet, LinearScorer, load_classifier_sets
+from ltdist.methods.classifier_set import KT_FILE, ClassifierSet, head_scorer, load_classifier_sets
 from ltdist.methods.kt import KTClassifiers, cosine_probabilities
 from ltdist.stages import StageContext
 from ltdist.stages.extract import load_features
@@ -137,11 +137,8 @@ def head_classifier_set(run_dir: Path) -> ClassifierSet:
     from ltdist.models import load_exported_model
     from ltdist.stages.extract import model_path
 
-    head = load_exported_model(model_path(run_dir)).classifier
-    if hasattr(head, "scale"):
-        return ClassifierSet("head", {"cosine": LinearScorer("cosine", head.weight.detach(),
-                                                             scale=float(head.scale.detach()))})
-    return ClassifierSet("head", {"dot product": LinearScorer("linear", head.weight.detach(), head.bias.detach())})
+    scorer = head_scorer(load_exported_model(model_path(run_dir)).classifier)
+    return ClassifierSet("head", {"cosine" if scorer.kind == "cosine" else "dot product": scorer})
 
 
 def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test: dict, train_counts: list[int], *,
@@ -177,7 +174,8 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
                          "favours the withheld classes; the Table 2 layout (w_hc for every class, paper 1 §4.3) "
                          "is the comparable one")
     if sets:
-        base = [classifier_names(kt)[0][0]] if kt is not None else []
+        # The head and KT's fixed ensemble sit beside the stage-2 rows (kt_val's choice is read against the latter).
+        base = [classifier_names(kt)[0][0], "ensemble"] if kt is not None else []
         rows = base + [name for result in sets.values() for name in (*result.rows, *result.ensembles)]
         tables["Classifiers on the frozen backbone"] = [TableSection("Stage 2", rows)]
         notes += [f"{result.method}: {note}" for result in sets.values() for note in result.notes]

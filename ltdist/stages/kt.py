@@ -5,6 +5,8 @@ Rank 0 reads ``features/<method.kt.prototypes_from>.pt`` (prototypes, eq. 3), ``
 w_hc(k) for every k in ``method.kt.ks`` (:mod:`ltdist.methods.kt`). Classes of
 ``data.exclude_from_training`` count 0 for the attention (the backbone never saw them). The result is
 ``classifiers/kt.pt`` (:class:`ltdist.methods.kt.KTClassifiers` as a dict); other ranks wait for it.
+With ``method.kt.select_on_val`` it also chooses τ and the k set on val (:mod:`ltdist.methods.kt_select`)
+and writes ``classifiers/kt_val.pt``.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import torch.nn.functional as F
 
 from ltdist.distributed import barrier
 from ltdist.fileio import torch_save_atomic
+from ltdist.methods.classifier_set import save_classifier_set
 from ltdist.methods.kt import KTClassifiers, build_kt_classifiers, class_prototypes, excluded_classes
+from ltdist.methods.kt_select import select_kt_on_val
 from ltdist.stages import StageContext
-from ltdist.stages.extract import load_features, model_path
+from ltdist.stages.extract import features_path, load_features, model_path
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,19 @@ def make_kt_classifiers(head: torch.nn.Module, train: dict, prototype_source: di
     return kt
 
 
+def _select_on_val(ctx: StageContext, kt: KTClassifiers) -> None:
+    """``method.kt.select_on_val``: τ and the k set chosen on val → ``classifiers/kt_val.pt`` (rank 0)."""
+    val = load_features(ctx.run_dir, "val") if features_path(ctx.run_dir, "val").is_file() else None
+    if val is not None and val["labels"].numel() == 0:
+        val = None
+    result = select_kt_on_val(kt, val, list(ctx.cfg.method.kt.tau_grid), ctx.dist.device)
+    if val is not None and ctx.cfg.method.kt.prototypes_from == "val":
+        result.notes.append("the prototypes come from val too: the choice saw the data it is scored on")
+    save_classifier_set(ctx.run_dir, result)
+    ctx.append_metrics({"stage": "kt", "select_on_val": result.chosen})
+    log.info("kt: %s", "; ".join(result.notes))
+
+
 def run(ctx: StageContext) -> None:
     cfg = ctx.cfg
     if ctx.dist.is_main:
@@ -90,4 +107,6 @@ def run(ctx: StageContext) -> None:
                    "prototype_weight_cosine": F.cosine_similarity(kt.prototypes, kt.weights, dim=1).tolist()}
         ctx.append_metrics(summary)
         log.info("kt: %s", json.dumps({k: v for k, v in summary.items() if k != "prototype_weight_cosine"}))
+        if cfg.method.kt.select_on_val:
+            _select_on_val(ctx, kt)
     barrier()
