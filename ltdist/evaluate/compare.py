@@ -53,6 +53,14 @@ class RunInfo:
         return {m: p for m, p in picked.items() if p}
 
 
+def stage1_objective(cfg) -> str:
+    """The run's ``method.loss`` ("ce" when absent); MPCL without its meta-network is paper 2's "CE + L_PC"."""
+    loss = str(OmegaConf.select(cfg, "method.loss", default="ce"))
+    if loss == "mpcl" and not OmegaConf.select(cfg, "method.mpcl.meta_network", default=True):
+        return "ce + L_PC"
+    return loss
+
+
 def find_runs(paths: Sequence[Path]) -> list[RunInfo]:
     """The runs at or below ``paths`` (each needs report.json and config.yaml), sorted by directory."""
     reports: list[Path] = []
@@ -68,7 +76,7 @@ def find_runs(paths: Sequence[Path]) -> list[RunInfo]:
             raise FileNotFoundError(f"{config} is missing: cannot tell which stage-1 objective the run used")
         cfg = OmegaConf.load(config)
         runs.append(RunInfo(run_dir=report.parent, experiment=str(OmegaConf.select(cfg, "experiment", default="")),
-                            objective=str(OmegaConf.select(cfg, "method.loss", default="ce")),
+                            objective=stage1_objective(cfg),
                             head=str(OmegaConf.select(cfg, "model.classifier", default="cosine")),
                             seed=int(OmegaConf.select(cfg, "trainer.seed", default=0))))
     return runs
