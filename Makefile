@@ -37,8 +37,10 @@ system-packages:
 	echo "installing Debian packages: $$missing"; \
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null
 
+# Both papers: KT (the default experiment), then MPDT (MPCL backbone; KT, MPFA and their ensemble on it).
 demo: install system-packages
 	$(PY) -m ltdist.launch --cluster local
+	$(PY) -m ltdist.launch --cluster local --config configs/experiment/fmnist_lt_mpdt.yaml
 
 test: install system-packages
 	$(PY) -m pytest -q $(PYTEST_ARGS)
