@@ -57,8 +57,8 @@ def test_zero_meta_gradient_configs_are_refused():
 
 def _objective(meta_network: bool, **kw) -> MPCLObjective:
     args = dict(num_classes=3, feature_dim=4, lam=0.5, tau=0.07, momentum=0.9, warmup_epochs=2,
-                meta_network=meta_network, meta_inner="last_stage", meta_lr=1e-3, meta_hidden=8, meta_interval=1,
-                meta_set=None, meta_batch_size=0, seed=0, rank=0, image_size=8, channels=1,
+                meta_network=meta_network, meta_inner="last_stage", meta_optimizer="sgd", meta_lr=1e-3, meta_hidden=8,
+                meta_interval=1, meta_set=None, meta_batch_size=0, seed=0, rank=0, image_size=8, channels=1,
                 device=torch.device("cpu"), dtype=torch.float32)
     return MPCLObjective(**{**args, **kw})
 

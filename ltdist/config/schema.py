@@ -99,7 +99,8 @@ class MPCLConfig:
     warmup_epochs: int = 5  # CE-only epochs before L_PC is switched on (prototypes are updated throughout)
     meta_network: bool = True  # false: CE + L_PC with the empirical EMA prototypes (no meta step)
     meta_inner: str = "last_stage"  # last_stage | all: parameters of the virtual SGD step
-    meta_lr: float = 1e-3  # Adam learning rate of the meta-network Θ
+    meta_optimizer: str = "sgd"  # sgd (eq. 7: Θ ← Θ − meta_lr·∇Θ) | adam
+    meta_lr: float = 1e-3  # step size of the meta-network Θ
     meta_hidden: int = 256  # hidden width of the meta-network
     meta_interval: int = 1  # optimizer steps between meta steps
     meta_source: str = "val"  # val | train: where the balanced meta set comes from (never test)

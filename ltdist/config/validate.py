@@ -146,6 +146,7 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.method.loss == "mpcl" and mpcl.meta_network and mpcl.lam == 0:
         problems.append("method.mpcl.lam: λ = 0 removes L_PC, the only term where the meta-network enters: its "
                         "meta-gradient is identically zero (set method.mpcl.meta_network=false for plain CE)")
+    one_of("method.mpcl.meta_optimizer", ("sgd", "adam"))
     check("method.mpcl.meta_lr", positive, "must be > 0")
     check("method.mpcl.meta_hidden", at_least_one, "must be ≥ 1")
     check("method.mpcl.meta_interval", at_least_one, "must be ≥ 1 optimizer step")

@@ -15,12 +15,15 @@ cosine classifier consumes.
   prototypes the warm-up built with random directions. Classes not seen yet (c = 0) have ĉ = 0.
 - **Bi-level step** (eqs. 6–8): before every ``meta_interval``-th optimizer step, Θ moves along the
   meta-gradient of the CE loss of a balanced meta batch through a virtual SGD step of the parameters
-  in ``meta_inner`` (:mod:`ltdist.methods.objectives.meta_step`), averaged over ranks, with its own Adam
-  optimizer (lr ``meta_lr``); the real step of W then uses Θ(t+1).
+  in ``meta_inner`` (:mod:`ltdist.methods.objectives.meta_step`), averaged over ranks, then a step of Θ
+  of size ``meta_lr``: plain SGD as eq. 7 writes it (``meta_optimizer: sgd``), or Adam (``adam``, as
+  meta-weight-net code does; it moves every parameter by about ``meta_lr`` per step whatever the gradient's
+  scale, which on Fashion-MNIST-LT pulled the meta-prototypes away from the features within one epoch);
+  the real step of W then uses Θ(t+1).
 - With ``meta_network: false`` this is "CE + L_PC" with the empirical prototypes (paper 2 Table 5's
   ablation row): no meta set, no meta step.
 
-Everything here (c, Θ, Adam's state, counters) is in :meth:`MPCLObjective.state_dict`, hence in the
+Everything here (c, Θ, the meta optimizer's state, counters) is in :meth:`MPCLObjective.state_dict`, hence in the
 verified checkpoint. Meta batches are drawn from (seed, step, rank): a resumed run draws the same ones.
 """
 
@@ -84,7 +87,8 @@ class MPCLObjective(TrainingObjective):
     name = "mpcl"
 
     def __init__(self, *, num_classes: int, feature_dim: int, lam: float, tau: float, momentum: float,
-                 warmup_epochs: int, meta_network: bool, meta_inner: str, meta_lr: float, meta_hidden: int,
+                 warmup_epochs: int, meta_network: bool, meta_inner: str, meta_optimizer: str, meta_lr: float,
+                 meta_hidden: int,
                  meta_interval: int, meta_set: MetaSet | None, meta_batch_size: int, seed: int, rank: int,
                  image_size: int, channels: int, device: torch.device, dtype: torch.dtype):
         if meta_network and meta_set is None:
@@ -100,7 +104,8 @@ class MPCLObjective(TrainingObjective):
             with torch.random.fork_rng(devices=[]):  # identical Θ on every rank, global RNG untouched
                 torch.manual_seed(seed)
                 self.meta_net = MetaPrototypeNet(feature_dim, meta_hidden).to(device)
-            self.meta_optimizer = torch.optim.Adam(self.meta_net.parameters(), lr=meta_lr)
+            optimizer = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[meta_optimizer]
+            self.meta_optimizer = optimizer(self.meta_net.parameters(), lr=meta_lr)
         self.meta_steps = 0
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
