@@ -67,3 +67,11 @@ def test_compare_labels_and_refuses_duplicate_seeds(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "several runs with seed [0]" in capsys.readouterr().err
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_mpcl_without_its_meta_network_is_labelled_ce_plus_lpc(tmp_path):
+    _run(tmp_path, "mpdt", 0, {"cosine": (0.9, 0.1)}, loss="mpcl", head="linear")
+    lpc = _run(tmp_path, "lpc", 0, {"cosine": (0.9, 0.1)}, loss="mpcl", head="linear", experiment="fmnist_lt_lpc")
+    config = lpc / "config.yaml"
+    config.write_text(config.read_text() + "  mpcl:\n    meta_network: false\n")
+    assert sorted(r.objective for r in find_runs([tmp_path])) == ["ce + L_PC", "mpcl"]
