@@ -76,7 +76,7 @@ class CosineCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x, w = x.contiguous(), w.contiguous()
+        x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()  # the kernels index rows densely
         B, N = x.shape[0], w.shape[0]
         chunk = max(1, min(B, CE_CHUNK_ELEMENTS // N))
         s = scale.float()
