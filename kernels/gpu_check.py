@@ -34,8 +34,8 @@ def environment() -> dict[str, Any]:
         info["triton"] = None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info["gpu"] = dict(name=p.name, capability=f"sm_{p.major}{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
-                           sms=p.multi_processor_count, count=torch.cuda.device_count())
+        info["gpu"] = dict(name=p.name, capability=f"sm_{p.major}{p.minor}", sms=p.multi_processor_count,
+                           memory_gib=round(p.total_memory / 2**30, 1), count=torch.cuda.device_count())
     return info
 
 

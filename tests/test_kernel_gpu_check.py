@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ltdist.kernels import gpu_check
 
 TESTS = Path(__file__).resolve().parent

@@ -144,5 +144,5 @@ def test_tensors_on_two_devices_are_named():
     bank, offsets, centres = make_problem([2, 4, 2], d=4)
     args = list(request(bank, offsets, centres, 0, [1, 2], [0.5, 0.5]))
     args[3] = args[3].to("meta")
-    with pytest.raises(ValueError, match="calibrated_sample: all tensors must be on one device, .*source on meta"):
+    with pytest.raises(ValueError, match=r"calibrated_sample: all tensors must be on one device, .*source on meta"):
         calibrated_sample(*args, ALPHA, BETA, samples_per_source=2, seed=0)
