@@ -105,6 +105,16 @@ def _jit(kernel: Any) -> Any:
     return kernel
 
 
+def _address_names(node: ast.AST) -> set[str]:
+    """Names an expression's value is computed from, not looking inside ``tl.load(...)``: a loaded value
+    (an index) is data, the pointer it was loaded from is not part of the address."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
+        return set()
+    if isinstance(node, ast.Name):
+        return {node.id}
+    return set().union(*(_address_names(child) for child in ast.iter_child_nodes(node)))
+
+
 def read_and_written(fn: Any) -> set[str]:
     """Pointer parameters (``*_ptr``) a kernel both loads from and stores to, from its source: pointer
     expressions are traced back through local assignments to the parameters they derive from."""
@@ -114,11 +124,10 @@ def read_and_written(fn: Any) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and node.value is not None:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            used = {n.id for n in ast.walk(node.value) if isinstance(n, ast.Name)}
             for t in targets:
                 for n in ast.walk(t):
                     if isinstance(n, ast.Name):
-                        deps.setdefault(n.id, set()).update(used)
+                        deps.setdefault(n.id, set()).update(_address_names(node.value))
 
     def roots(names: set[str]) -> set[str]:
         seen, todo = set(), list(names)
@@ -133,7 +142,7 @@ def read_and_written(fn: Any) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
             op = node.func.attr
-            ptr = roots({n.id for n in ast.walk(node.args[0]) if isinstance(n, ast.Name)})
+            ptr = roots(_address_names(node.args[0]))
             if op == "load" or op.startswith("atomic_"):
                 loads |= ptr
             if op == "store" or op.startswith("atomic_"):
@@ -275,12 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="only configs autotuning may pick, flags all True")
     parser.add_argument("--out", type=Path, default=Path("runs/compile_check.json"))
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--kernel", action="append", help="only this kernel (repeatable; default: all)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    kernels = discover()
+    kernels = [k for k in discover() if not args.kernel or k[1] in args.kernel]
     todo = list(jobs(kernels, args.quick))
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(compile_one, todo))
