@@ -73,8 +73,10 @@ class TilePruner:
         candidates = self.candidates(configs, ref.dtype)
         if INTERPRET or ref.device.type != "cuda":
             return candidates
+        # the launch's own constexprs, without the autotuner's launch options
+        meta = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         # warmup compiles without launching; autotuning then reuses the compiled kernel
-        shared = lambda c: self.kernel.warmup(grid=(1,), **named_args, **kwargs, **c.all_kwargs()).metadata.shared
+        shared = lambda c: self.kernel.warmup(grid=(1,), **named_args, **meta, **c.all_kwargs()).metadata.shared
         return self.fitting(candidates, shared, shared_memory_limit(ref.device.index))
 
 

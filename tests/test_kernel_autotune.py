@@ -91,3 +91,28 @@ def test_cosine_logits_and_kt_attention_on_the_first_call_of_a_shape(two_configs
     for got, want in zip(kt_attention_triton(w.detach(), w.detach().flip(0), counts.to(DEVICE), [0, 10], 10.0),
                          kt_attention_reference(w.detach().cpu(), w.detach().cpu().flip(0), counts, [0, 10], 10.0)):
         torch.testing.assert_close(got.cpu(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_pruner_on_a_gpu_compiles_each_candidate_and_keeps_those_that_fit(monkeypatch):
+    """The pruner's GPU path with a stub kernel: the dtype's tiles, compiled with the launch's constexprs
+    (not the autotuner's grid/warmup), kept when their shared memory fits the device."""
+    from types import SimpleNamespace
+
+    from ltdist.kernels import _autotune
+
+    monkeypatch.setattr(_autotune, "INTERPRET", False)
+    monkeypatch.setattr(_autotune, "shared_memory_limit", lambda index: 166_912)
+    pruner = _autotune.TilePruner("y_ptr", fp32_tiles=[(32, 32, 32, 4, 2)],
+                                  tc_tiles=[(128, 128, 32, 8, 3), (64, 64, 64, 4, 3)])
+    compiled = []
+
+    def warmup(*, grid, **kw):
+        compiled.append(kw)
+        return SimpleNamespace(metadata=SimpleNamespace(shared=200_000 if kw["BM"] == 128 else 50_000))
+
+    pruner.kernel = SimpleNamespace(warmup=warmup, __name__="_stub_kernel")
+    y = SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda", 0))
+    kept = pruner(pruner.configs, {"y_ptr": y, "M": 7}, EXP=True, grid=lambda meta: (1,), warmup=False)
+    assert [c.kwargs["BM"] for c in kept] == [64]
+    assert [(c["BM"], c["EXP"], c["M"], c["num_warps"]) for c in compiled] == [(128, True, 7, 8), (64, True, 7, 4)]
+    assert all("warmup" not in c for c in compiled)
