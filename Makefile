@@ -76,9 +76,14 @@ check-cuda-build: $(CUDA_VENV_READY)
 	  --build-temp $(CUDA_BUILD)/tmp
 	$(CUDA_PY) kernels/cuda_build_check.py $(CUDA_BUILD)/lib
 
-# On a machine with a GPU: the GPU tests and the kernel benchmarks, one JSON (runs/gpu_check/gpu_check.json).
-gpu-check: install
-	$(PY) -m ltdist.kernels.gpu_check --out runs/gpu_check
+# On a machine with a GPU, with the Python of its CUDA build of torch (GPU_PY): installs ltdist there without
+# dependencies (torch, triton and pytest suffice) and with the CUDA extension, then the GPU tests and the kernel
+# benchmarks, one JSON (runs/gpu_check/gpu_check.json). The in-place extension is then the CUDA one: rebuild
+# it (make clean install) before using .venv again in this checkout.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(GPU_PY) -m ltdist.kernels.gpu_check --out runs/gpu_check
 
 clean:
 	rm -rf build *.egg-info ltdist/_C*.so $(INSTALLED)
