@@ -10,6 +10,8 @@ the α·Ŵ product of KT attention, with the normalisations folded into a, b and
 Both accumulate in fp32; fp32 inputs use IEEE fp32 dot products (no TF32), bf16 inputs bf16 ones.
 """
 
+# No ``from __future__ import annotations`` in the kernel modules: Triton reads the kernels' parameter
+# annotations (F32_PTR, tl.float32) as types, and they fix the compiled signature.
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +23,7 @@ EPS = tl.constexpr(1e-12)  # as F.normalize: 1/max(‖v‖, EPS)
 # the bf16 tiles are upcast to fp32 before the dot; on a GPU the dot runs in bf16 with fp32 accumulation.
 UPCAST = tl.constexpr(INTERPRET)
 F32_PTR = tl.pointer_type(tl.float32)  # annotation of the fp32 buffers (norms, row/column factors)
+I64_PTR = tl.pointer_type(tl.int64)  # annotation of the index buffers (labels, classes, offsets)
 
 _COSINE_FP32_TILES = [(64, 64, 16, 4, 2), (64, 32, 32, 4, 2), (32, 64, 32, 4, 2)]
 # chosen with the compile check: none spills on sm_80 or sm_90 (128×128×64 and 128×64 on 4 warps did)

@@ -10,7 +10,7 @@ each a single :func:`scaled_gmm` launch (normalisations folded into its row/colu
 import torch
 import triton
 import triton.language as tl
-from ltdist.kernels._triton_matmul import F32_PTR, INTERPRET, cosine_matmul, scaled_gmm
+from ltdist.kernels._triton_matmul import F32_PTR, I64_PTR, INTERPRET, cosine_matmul, scaled_gmm
 
 # rows of x per chunk of the fused cross-entropy: the chunk's logits are the only B×N-shaped buffer
 CE_CHUNK_ELEMENTS = 1 << 21
@@ -44,8 +44,8 @@ class CosineLogits(torch.autograd.Function):
 
 
 @triton.jit
-def _ce_grad_kernel(logits_ptr: F32_PTR, grad_ptr: F32_PTR, labels_ptr: tl.pointer_type(tl.int64), loss_ptr: F32_PTR,
-                    N, inv_batch: tl.float32, BLOCK: tl.constexpr = 4096):
+def _ce_grad_kernel(logits_ptr: F32_PTR, grad_ptr: F32_PTR, labels_ptr: I64_PTR, loss_ptr: F32_PTR, N,
+                    inv_batch: tl.float32, BLOCK: tl.constexpr = 4096):
     """One row: loss = logsumexp(L) − L_y; grad = (softmax(L) − onehot(y)) / B (fp32). BLOCK's default is the
     largest block the wrapper launches."""
     row = tl.program_id(0)

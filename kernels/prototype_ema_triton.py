@@ -5,10 +5,8 @@ Deterministic: every output row is owned by one program, no atomics."""
 import torch
 import triton
 import triton.language as tl
-from ltdist.kernels._triton_matmul import EPS, F32_PTR, INTERPRET
+from ltdist.kernels._triton_matmul import EPS, F32_PTR, I64_PTR, INTERPRET
 from ltdist.kernels.prototype_ema import check_ema_inputs
-
-I64_PTR = tl.pointer_type(tl.int64)
 
 
 @triton.jit
