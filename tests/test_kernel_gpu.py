@@ -23,6 +23,8 @@ from ltdist.kernels.prototype_ema import prototype_ema, prototype_ema_reference 
 DTYPES = [torch.float32, torch.bfloat16]
 # relative Frobenius error: fp32 runs IEEE dots (no TF32); bf16 rounds the inputs of every dot
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# ds sums B·N terms of both signs: the summation order alone moves it by more than a matrix's relative error
+SCALAR_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 SHAPES = [(64, 1000, 512), (256, 8142, 2048), (33, 77, 200)]  # B, N, F; the last one fits no tile
 
 
@@ -59,7 +61,7 @@ def test_cosine_logits_forward_backward(shape, dtype):
     got = torch.autograd.grad((fast.float() * up).sum(), (x, w, s))
     want = torch.autograd.grad((ref.float() * up).sum(), (x, w, s))
     for name, a, b in zip(("dx", "dw", "ds"), got, want):
-        assert_rel_close(a, b, REL_TOL[dtype], name)
+        assert_rel_close(a, b, (SCALAR_TOL if name == "ds" else REL_TOL)[dtype], name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
@@ -71,7 +73,7 @@ def test_cosine_cross_entropy_forward_backward(shape, dtype):
     assert_rel_close(fast, ref, REL_TOL[dtype], "loss")
     got, want = torch.autograd.grad(fast, (x, w, s)), torch.autograd.grad(ref, (x, w, s))
     for name, a, b in zip(("dx", "dw", "ds"), got, want):
-        assert_rel_close(a, b, REL_TOL[dtype], name)
+        assert_rel_close(a, b, (SCALAR_TOL if name == "ds" else REL_TOL)[dtype], name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
