@@ -26,6 +26,7 @@ SHARED_MEMORY_PER_BLOCK = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 9
 
 
 def tile_configs(tiles: Sequence[Tile]) -> list[triton.Config]:
+    """One ``triton.Config`` per (BM, BN, BK, num_warps, num_stages)."""
     return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles]
 
 
