@@ -20,9 +20,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 Tile = tuple[int, int, int, int, int]  # BM, BN, BK, num_warps, num_stages
 
-# Opt-in shared memory per block in bytes, by compute capability (CUDA programming guide, "Technical
-# Specifications per Compute Capability"); the compile check's targets and the fallback for the pruner.
-SHARED_MEMORY_PER_BLOCK = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448}
+# Opt-in shared memory per block in bytes of the compile check's targets (CUDA programming guide, "Technical
+# Specifications per Compute Capability"): A100 and H100/H200. At run time the pruner asks the device.
+SHARED_MEMORY_PER_BLOCK = {80: 166_912, 90: 232_448}
 
 
 def tile_configs(tiles: Sequence[Tile]) -> list[triton.Config]:
