@@ -76,3 +76,20 @@ def test_refuses_under_the_interpreter():
     proc = subprocess.run([sys.executable, "-m", "ltdist.kernels.compile_check"], capture_output=True, text=True,
                           env={**_env(), "TRITON_INTERPRET": "1"}, timeout=300)
     assert proc.returncode == 2 and "unset TRITON_INTERPRET" in proc.stderr
+
+
+def test_each_requirement_is_a_failure_line():
+    from ltdist.kernels.compile_check import Row, failures
+
+    def row(**kw):
+        base = dict(module="m", kernel="k", config="BM=64", dtype="bf16", target="sm_80", flags="", candidate=True,
+                    ok=True, shared=1000, limit=166_912, fits=True, pickable=True, uses_dot=True, tensor_core_ops=8)
+        return Row(**{**base, **kw})
+
+    assert failures([row(), row(dtype="fp32", uses_dot=True, tensor_core_ops=0)], []) == []
+    broken = failures([row(ok=False, error="CompilationError: x", pickable=False)], [])
+    assert len(broken) == 1 and "does not compile: CompilationError" in broken[0]
+    too_big = failures([row(shared=200_000, fits=False, pickable=False), row(candidate=False, pickable=False)], [])
+    assert len(too_big) == 1 and "no config left for autotuning" in too_big[0] and "[200000] > 166912" in too_big[0]
+    no_mma = failures([row(tensor_core_ops=0)], [])
+    assert len(no_mma) == 1 and "no tensor-core instruction" in no_mma[0]
