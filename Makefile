@@ -12,7 +12,15 @@ INSTALLED := $(VENV)/.ltdist-installed
 DEB_PACKAGES := slurm-wlm munge dataset-fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages demo test lint bench-kernels bench-engine clean
+# check-cuda-build: ltdist._C built against the CUDA build of torch (no GPU needed), in its own cached venv.
+CUDA_TORCH_VERSION := 2.14.1
+CUDA_VENV ?= .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+CUDA_VENV_READY := $(CUDA_VENV)/.torch-$(CUDA_TORCH_VERSION)
+CUDA_BUILD := build/cuda-check
+
+.PHONY: install system-packages demo test lint bench-kernels bench-engine clean compile-check check-cuda-build \
+	gpu-check
 
 install: $(INSTALLED)
 
@@ -53,6 +61,31 @@ bench-kernels: install
 
 bench-engine: install
 	$(PY) -m ltdist.engine.bench
+
+# Every Triton kernel × autotune config × fp32/bf16 × sm_80/sm_90, compiled ahead of time (QUICK=1: the CI subset).
+compile-check: install
+	$(PY) -m ltdist.kernels.compile_check $(if $(QUICK),--quick) --out runs/compile_check.json
+
+$(CUDA_VENV_READY):
+	$(PYTHON) -m venv $(CUDA_VENV)
+	echo "torch==$(CUDA_TORCH_VERSION)" > $(CUDA_VENV)/constraints.txt
+	$(CUDA_PY) -m pip install -q -c $(CUDA_VENV)/constraints.txt "torch==$(CUDA_TORCH_VERSION)" setuptools wheel ninja numpy
+	touch $@
+
+# Builds into $(CUDA_BUILD) (never over the .venv's in-place extension); ninja rebuilds only what changed.
+check-cuda-build: $(CUDA_VENV_READY)
+	FORCE_CUDA=1 MAX_JOBS=$${MAX_JOBS:-2} $(CUDA_PY) setup.py -q build_ext --build-lib $(CUDA_BUILD)/lib \
+	  --build-temp $(CUDA_BUILD)/tmp
+	$(CUDA_PY) kernels/cuda_build_check.py $(CUDA_BUILD)/lib
+
+# On a machine with a GPU, with the Python of its CUDA build of torch (GPU_PY): installs ltdist there without
+# dependencies (torch, triton and pytest suffice) and with the CUDA extension, then the GPU tests and the kernel
+# benchmarks, one JSON (runs/gpu_check/gpu_check.json). The in-place extension is then the CUDA one: rebuild
+# it (make clean install) before using .venv again in this checkout.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(GPU_PY) -m ltdist.kernels.gpu_check --out runs/gpu_check
 
 clean:
 	rm -rf build *.egg-info ltdist/_C*.so $(INSTALLED)

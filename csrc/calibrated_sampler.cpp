@@ -39,12 +39,21 @@ void check_inputs(const at::Tensor& bank, const at::Tensor& offsets, const at::T
               "neighbours ", neighbours.sizes(), ", got ", weights.sizes());
   TORCH_CHECK(samples_per_source >= 1, "calibrated_sample: samples_per_source must be >= 1, got ",
               samples_per_source);
-  for (const at::Tensor* t : {&bank, &centres, &source, &weights})
-    TORCH_CHECK(t->scalar_type() == at::kFloat, "calibrated_sample: float tensors must be float32, got ",
-                t->scalar_type());
-  for (const at::Tensor* t : {&offsets, &source_class, &neighbours})
-    TORCH_CHECK(t->scalar_type() == at::kLong, "calibrated_sample: index tensors must be int64, got ",
-                t->scalar_type());
+  struct Arg {
+    const char* name;
+    const at::Tensor& tensor;
+    at::ScalarType dtype;
+  };
+  const Arg args[] = {{"bank", bank, at::kFloat},         {"offsets", offsets, at::kLong},
+                      {"centres", centres, at::kFloat},   {"source", source, at::kFloat},
+                      {"source_class", source_class, at::kLong}, {"neighbours", neighbours, at::kLong},
+                      {"weights", weights, at::kFloat}};
+  for (const Arg& a : args) {
+    TORCH_CHECK(a.tensor.scalar_type() == a.dtype, "calibrated_sample: ", a.name, " must be ", a.dtype, ", got ",
+                a.tensor.scalar_type());
+    TORCH_CHECK(a.tensor.device() == bank.device(), "calibrated_sample: ", a.name, " is on ", a.tensor.device(),
+                " but bank is on ", bank.device(), "; all tensors must be on one device");
+  }
 }
 
 // Adds coef · (Z_cᵀ E_r − ĉ_c Σ_i E_r[i]) to out_r for every draw r of one source, as one GEMM
@@ -161,9 +170,6 @@ at::Tensor calibrated_sample_cuda(const at::Tensor& bank_, const at::Tensor& off
                                   const at::Tensor& neighbours_, const at::Tensor& weights_, double alpha,
                                   double beta, int64_t samples_per_source, int64_t seed) {
   check_inputs(bank_, offsets_, centres_, source_, source_class_, neighbours_, weights_, samples_per_source);
-  for (const at::Tensor* t : {&offsets_, &centres_, &source_, &source_class_, &neighbours_, &weights_})
-    TORCH_CHECK(t->device() == bank_.device(), "calibrated_sample: all tensors must be on ", bank_.device(),
-                ", got one on ", t->device());
   const c10::cuda::CUDAGuard guard(bank_.device());
   const at::Tensor bank = bank_.contiguous(), offsets = offsets_.contiguous(), centres = centres_.contiguous(),
                    source = source_.contiguous(), source_class = source_class_.contiguous(),

@@ -37,6 +37,15 @@ std::tuple<at::Tensor, at::Tensor> group_by_class_cpu(const at::Tensor& labels, 
   return {order, offsets};
 }
 
+#ifdef LTDIST_WITH_CUDA
+// CUDA labels: the counting sort is sequential and the labels are small (one per sample), so it runs on
+// the host and the result goes back to the labels' device. Registering it means every op has a CUDA kernel.
+std::tuple<at::Tensor, at::Tensor> group_by_class_cuda(const at::Tensor& labels, int64_t num_classes) {
+  auto [order, offsets] = group_by_class_cpu(labels.cpu(), num_classes);
+  return {order.to(labels.device()), offsets.to(labels.device())};
+}
+#endif
+
 // Shapes only: lets torch.compile / FakeTensor trace through the op.
 std::tuple<at::Tensor, at::Tensor> group_by_class_meta(const at::Tensor& labels, int64_t num_classes) {
   return {at::empty_like(labels), at::empty({num_classes + 1}, labels.options())};
@@ -55,3 +64,9 @@ TORCH_LIBRARY_IMPL(ltdist, CPU, m) {
 TORCH_LIBRARY_IMPL(ltdist, Meta, m) {
   m.impl("group_by_class", &ltdist::group_by_class_meta);
 }
+
+#ifdef LTDIST_WITH_CUDA
+TORCH_LIBRARY_IMPL(ltdist, CUDA, m) {
+  m.impl("group_by_class", &ltdist::group_by_class_cuda);
+}
+#endif

@@ -10,36 +10,33 @@ the α·Ŵ product of KT attention, with the normalisations folded into a, b and
 Both accumulate in fp32; fp32 inputs use IEEE fp32 dot products (no TF32), bf16 inputs bf16 ones.
 """
 
-from __future__ import annotations
-
-import os
-
+# No ``from __future__ import annotations`` in the kernel modules: Triton reads the kernels' parameter
+# annotations (F32_PTR, tl.float32) as types, and they fix the compiled signature.
 import torch
 import triton
 import triton.language as tl
+from ltdist.kernels._autotune import INTERPRET, autotune
 
-EPS = 1e-12  # as F.normalize: 1/max(‖v‖, EPS)
+# Kernels may only read globals that are constexpr (the interpreter accepts any; the compiler does not).
+EPS = tl.constexpr(1e-12)  # as F.normalize: 1/max(‖v‖, EPS)
 # Triton 3.9's interpreter computes bf16 tl.dot wrongly (garbage magnitudes), so under TRITON_INTERPRET
 # the bf16 tiles are upcast to fp32 before the dot; on a GPU the dot runs in bf16 with fp32 accumulation.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+UPCAST = tl.constexpr(INTERPRET)
+F32_PTR = tl.pointer_type(tl.float32)  # annotation of the fp32 buffers (norms, row/column factors)
+I64_PTR = tl.pointer_type(tl.int64)  # annotation of the index buffers (labels, classes, offsets)
+
+_COSINE_FP32_TILES = [(64, 64, 16, 4, 2), (64, 32, 32, 4, 2), (32, 64, 32, 4, 2)]
+# chosen with the compile check: none spills on sm_80 or sm_90 (128×128×64 and 128×64 on 4 warps did)
+_COSINE_TC_TILES = [(128, 128, 32, 8, 3), (128, 64, 32, 8, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3)]
 
 
-def _configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    if INTERPRET:  # the interpreter: one small tile, no tuning runs
-        tiles = [(16, 16, 16, 1, 1)]
-    return [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles]
-
-
-_COSINE_TILES = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
-                 (128, 128, 64, 8, 3)]
-
-
-@triton.autotune(configs=_configs(_COSINE_TILES), key=["M", "N", "K", "IEEE"])
+@autotune(key=["M", "N", "K"], dtype_arg="x_ptr", fp32_tiles=_COSINE_FP32_TILES, tc_tiles=_COSINE_TC_TILES)
 @triton.jit
-def _cosine_matmul_kernel(x_ptr, y_ptr, out_ptr, rx_ptr, ry_ptr, scale_ptr, M, N, K,
+def _cosine_matmul_kernel(x_ptr, y_ptr, out_ptr, rx_ptr: F32_PTR, ry_ptr: F32_PTR, scale_ptr, M, N, K,
                           sxm, sxk, sym, syk, som, son,
-                          IEEE: tl.constexpr, UPCAST: tl.constexpr,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # fp32 inputs: IEEE fp32 dot (no TF32); bf16: tensor-core dot with fp32 accumulation
+    IEEE: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -86,21 +83,26 @@ def cosine_matmul(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, out: to
     ry = torch.empty(N, device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(N, meta["BN"]))
     _cosine_matmul_kernel[grid](x, y, out, rx, ry, scale, M, N, K, x.stride(0), x.stride(1), y.stride(0),
-                                y.stride(1), out.stride(0), out.stride(1), IEEE=x.dtype == torch.float32,
-                                UPCAST=INTERPRET)
+                                y.stride(1), out.stride(0), out.stride(1))
     return out, rx, ry
 
 
-_GMM_TILES = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3)]
+_GMM_FP32_TILES = [(64, 32, 64, 4, 2), (32, 32, 64, 4, 2), (64, 16, 64, 4, 2)]
+# the fp32 G tile (BM×BN) is scaled in registers before the dot: 8 warps for the large tiles keep it from
+# spilling; 128×128×32 needed 169 KiB of shared memory (more than an A100 has) and spilled 350 bytes
+_GMM_TC_TILES = [(128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (128, 32, 64, 8, 4),
+                 (64, 64, 32, 4, 4)]
 
 
-@triton.autotune(configs=_configs(_GMM_TILES), key=["M", "N", "K", "IEEE", "EXP", "HAS_X", "ACCUMULATE"])
+# restore_value: with ACCUMULATE the kernel reads out, and every autotuning trial would add into it
+@autotune(key=["M", "N", "K", "EXP", "HAS_X", "ACCUMULATE"], dtype_arg="y_ptr", fp32_tiles=_GMM_FP32_TILES,
+          tc_tiles=_GMM_TC_TILES, restore_value=["out_ptr"])
 @triton.jit
-def _scaled_gmm_kernel(g_ptr, y_ptr, x_ptr, out_ptr, a_ptr, b_ptr, c_ptr, shift_ptr, M, N, K,
-                       sgm, sgn, syn, syk, sxm, sxk, som, sok,
-                       IEEE: tl.constexpr, UPCAST: tl.constexpr, EXP: tl.constexpr, HAS_X: tl.constexpr,
-                       ACCUMULATE: tl.constexpr,
+def _scaled_gmm_kernel(g_ptr: F32_PTR, y_ptr, x_ptr, out_ptr, a_ptr: F32_PTR, b_ptr: F32_PTR, c_ptr: F32_PTR,
+                       shift_ptr: F32_PTR, M, N, K, sgm, sgn, syn, syk, sxm, sxk, som, sok,
+                       EXP: tl.constexpr, HAS_X: tl.constexpr, ACCUMULATE: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    IEEE: tl.constexpr = y_ptr.dtype.element_ty == tl.float32
     # tiles: BM rows of out, BK columns of out, BN = reduction step over n
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -142,11 +144,13 @@ def scaled_gmm(g: torch.Tensor, y: torch.Tensor, a: torch.Tensor, c: torch.Tenso
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """out [M,K] (+)= a[:,None] · (g'(G) · c[None,:]) @ Y − b[:,None] · X.
 
-    G [M,N] (any strides, read as fp32), Y [N,K], a [M], c [N], b [M] fp32; X [M,K] optional;
+    G [M,N] fp32 (any strides), Y [N,K], a [M], c [N], b [M] fp32; X [M,K] optional;
     ``shift`` [M] turns g' into exp(G − shift[:,None]); ``accumulate`` adds to ``out``.
     """
     M, N = g.shape
     K = y.shape[1]
+    # the kernel's signature fixes these to fp32 (the compiled code would misread other dtypes)
+    assert all(t is None or t.dtype == torch.float32 for t in (g, a, c, b, shift)), "scaled_gmm: fp32 factors"
     if out is None:
         out = torch.empty(M, K, device=y.device, dtype=out_dtype or y.dtype)
     has_x = x is not None
@@ -154,6 +158,5 @@ def scaled_gmm(g: torch.Tensor, y: torch.Tensor, a: torch.Tensor, c: torch.Tenso
     grid = lambda meta: (triton.cdiv(M, meta["BM"]), triton.cdiv(K, meta["BK"]))
     _scaled_gmm_kernel[grid](g, y, xx, out, a, b if has_x else a, c, shift if shift is not None else a, M, N, K,
                              g.stride(0), g.stride(1), y.stride(0), y.stride(1), xx.stride(0), xx.stride(1),
-                             out.stride(0), out.stride(1), IEEE=y.dtype == torch.float32, UPCAST=INTERPRET,
-                             EXP=shift is not None, HAS_X=has_x, ACCUMULATE=accumulate)
+                             out.stride(0), out.stride(1), EXP=shift is not None, HAS_X=has_x, ACCUMULATE=accumulate)
     return out

@@ -14,6 +14,7 @@ reference, small d only).
 from __future__ import annotations
 
 import torch
+from ltdist.kernels._dispatch import check_same_device
 
 from ltdist.extension import group_by_class, load_extension
 
@@ -84,9 +85,12 @@ def calibrated_sample(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.
     Returns:
         [S, R, d] float32 on the device of ``bank``.
     Raises:
-        ValueError: naming the problem — class id out of range, a referenced class with no bank rows,
-            negative/non-finite weights, bad offsets, or NaN/Inf in the source, centre or bank rows used.
+        ValueError: naming the problem — tensors on different devices, class id out of range, a referenced
+            class with no bank rows, negative/non-finite weights, bad offsets, or NaN/Inf in the source, centre
+            or bank rows used.
     """
+    check_same_device("calibrated_sample", bank=bank, offsets=offsets, centres=centres, source=source,
+                      source_class=source_class, neighbours=neighbours, weights=weights)
     check_sampler_inputs(bank, offsets, source_class, neighbours, weights, alpha, beta)
     load_extension()
     out = torch.ops.ltdist.calibrated_sample(bank, offsets, centres, source, source_class, neighbours, weights,

@@ -37,7 +37,7 @@ def cosine_logits(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torc
     reference otherwise or when ``LTDIST_KERNELS=reference``.
     """
     _check(x, w, scale)
-    if use_triton(x, w):
+    if use_triton("cosine_logits", x=x, w=w, scale=scale):
         from ltdist.kernels.cosine_logits_triton import CosineLogits
 
         return CosineLogits.apply(x, w, scale)
@@ -52,9 +52,15 @@ def cosine_cross_entropy(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     gradients during the forward pass.
     """
     _check(x, w, scale)
-    if labels.shape != (x.shape[0],):
-        raise ValueError(f"cosine_cross_entropy: labels must be [{x.shape[0]}], got {tuple(labels.shape)}")
-    if use_triton(x, w):
+    if labels.shape != (x.shape[0],) or labels.dtype != torch.int64:
+        raise ValueError(f"cosine_cross_entropy: labels must be int64 [{x.shape[0]}], got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    fast = use_triton("cosine_cross_entropy", x=x, w=w, scale=scale, labels=labels)
+    # the Triton kernel would read logits out of bounds: check what cross_entropy checks
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= w.shape[0]):
+        raise ValueError(f"cosine_cross_entropy: labels must lie in [0, {w.shape[0]}), got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    if fast:
         from ltdist.kernels.cosine_logits_triton import CosineCrossEntropy
 
         return CosineCrossEntropy.apply(x, w, scale, labels)

@@ -7,12 +7,10 @@ logits L = s · x̂ ŵᵀ. With upstream gradient G [B,N], r_b = Σ_n G_bn L_bn 
 each a single :func:`scaled_gmm` launch (normalisations folded into its row/column factors).
 """
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
-from ltdist.kernels._triton_matmul import INTERPRET, cosine_matmul, scaled_gmm
+from ltdist.kernels._triton_matmul import F32_PTR, I64_PTR, INTERPRET, cosine_matmul, scaled_gmm
 
 # rows of x per chunk of the fused cross-entropy: the chunk's logits are the only B×N-shaped buffer
 CE_CHUNK_ELEMENTS = 1 << 21
@@ -46,8 +44,10 @@ class CosineLogits(torch.autograd.Function):
 
 
 @triton.jit
-def _ce_grad_kernel(logits_ptr, grad_ptr, labels_ptr, loss_ptr, N, inv_batch, BLOCK: tl.constexpr):
-    """One row: loss = logsumexp(L) − L_y; grad = (softmax(L) − onehot(y)) / B (fp32)."""
+def _ce_grad_kernel(logits_ptr: F32_PTR, grad_ptr: F32_PTR, labels_ptr: I64_PTR, loss_ptr: F32_PTR, N,
+                    inv_batch: tl.float32, BLOCK: tl.constexpr = 4096):
+    """One row: loss = logsumexp(L) − L_y; grad = (softmax(L) − onehot(y)) / B (fp32). BLOCK's default is the
+    largest block the wrapper launches."""
     row = tl.program_id(0)
     base = row.to(tl.int64) * N
     y = tl.load(labels_ptr + row)
@@ -76,7 +76,7 @@ class CosineCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x, w = x.contiguous(), w.contiguous()
+        x, w, labels = x.contiguous(), w.contiguous(), labels.contiguous()  # the kernels index rows densely
         B, N = x.shape[0], w.shape[0]
         chunk = max(1, min(B, CE_CHUNK_ELEMENTS // N))
         s = scale.float()

@@ -69,8 +69,10 @@ def kt_attention_reference(prototypes: torch.Tensor, weights: torch.Tensor, coun
 def kt_attention(prototypes: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor,
                  ks: Sequence[int], tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """KT attention for every k in ``ks``: Triton on CUDA, the reference otherwise (or when
-    ``LTDIST_KERNELS=reference``). Same arguments and result as :func:`kt_attention_reference`."""
-    if use_triton(prototypes, weights):
+    ``LTDIST_KERNELS=reference``). Same arguments and result as :func:`kt_attention_reference`;
+    ``counts`` (per-class metadata) may be on any device."""
+    counts = counts.to(weights.device)
+    if use_triton("kt_attention", prototypes=prototypes, weights=weights):
         from ltdist.kernels.kt_attention_triton import kt_attention_triton
 
         return kt_attention_triton(prototypes, weights, counts, ks, tau)

@@ -52,7 +52,7 @@ def prototype_ema(protos: torch.Tensor, feats: torch.Tensor, labels: torch.Tenso
     Triton on CUDA (one program per class walks its samples in batch order: deterministic, no
     atomics), the reference otherwise or when ``LTDIST_KERNELS=reference``.
     """
-    if use_triton(protos, feats):
+    if use_triton("prototype_ema", protos=protos, feats=feats, labels=labels):
         from ltdist.kernels.prototype_ema_triton import prototype_ema_triton
 
         return prototype_ema_triton(protos, feats, labels, m)

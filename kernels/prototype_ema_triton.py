@@ -2,18 +2,17 @@
 batch order (c ← m c + (1−m) z, exactly the sequential update), then re-normalises the row.
 Deterministic: every output row is owned by one program, no atomics."""
 
-from __future__ import annotations
-
 import torch
 import triton
 import triton.language as tl
-from ltdist.kernels._triton_matmul import EPS, INTERPRET
+from ltdist.kernels._triton_matmul import EPS, F32_PTR, I64_PTR, INTERPRET
 from ltdist.kernels.prototype_ema import check_ema_inputs
 
 
 @triton.jit
-def _ema_kernel(out_ptr, feats_ptr, classes_ptr, starts_ptr, counts_ptr, order_ptr, F, m,
-                BLOCK_F: tl.constexpr):
+def _ema_kernel(out_ptr: F32_PTR, feats_ptr, classes_ptr: I64_PTR, starts_ptr: I64_PTR, counts_ptr: I64_PTR,
+                order_ptr: I64_PTR, F, m: tl.float32, BLOCK_F: tl.constexpr = 1024):
+    # BLOCK_F's default is the largest block the wrapper launches (the one the compile check builds)
     cls = tl.load(classes_ptr + tl.program_id(0)).to(tl.int64)
     start = tl.load(starts_ptr + cls)
     n = tl.load(counts_ptr + cls)

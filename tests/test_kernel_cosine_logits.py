@@ -76,8 +76,8 @@ def test_references_pass_gradcheck():
 
 def test_dispatch_by_device_and_reference_override(monkeypatch):
     t = torch.zeros(2, 2)
-    assert not use_triton(t)  # CPU tensors: reference
+    assert not use_triton("op", t=t)  # CPU tensors: reference
     if torch.cuda.is_available():
-        assert use_triton(t.cuda())
+        assert use_triton("op", t=t.cuda())
     monkeypatch.setenv("LTDIST_KERNELS", "reference")
-    assert not use_triton(t.to(DEVICE))
+    assert not use_triton("op", t=t.to(DEVICE))

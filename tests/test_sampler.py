@@ -125,3 +125,24 @@ def test_meta_implementation_gives_the_shape():
         torch.empty(3, 6, device=meta), torch.empty(5, 6, device=meta), torch.empty(5, dtype=torch.long, device=meta),
         torch.empty(5, 2, dtype=torch.long, device=meta), torch.empty(5, 2, device=meta), 0.4, 0.05, 9, 0)
     assert out.shape == (5, 9, 6) and out.device.type == "meta"
+
+
+@pytest.mark.parametrize(("index", "dtype", "message"), [
+    (6, torch.float64, "calibrated_sample: weights must be Float, got Double"),
+    (4, torch.int32, "calibrated_sample: source_class must be Long, got Int"),
+    (0, torch.float16, "calibrated_sample: bank must be Float, got Half"),
+], ids=["weights-fp64", "source_class-int32", "bank-fp16"])
+def test_extension_names_the_argument_with_a_wrong_dtype(index, dtype, message):
+    bank, offsets, centres = make_problem([2, 4, 2], d=4)
+    args = list(request(bank, offsets, centres, 0, [1, 2], [0.5, 0.5]))
+    args[index] = args[index].to(dtype)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.ltdist.calibrated_sample(*args, ALPHA, BETA, 2, 0)
+
+
+def test_tensors_on_two_devices_are_named():
+    bank, offsets, centres = make_problem([2, 4, 2], d=4)
+    args = list(request(bank, offsets, centres, 0, [1, 2], [0.5, 0.5]))
+    args[3] = args[3].to("meta")
+    with pytest.raises(ValueError, match=r"calibrated_sample: all tensors must be on one device, .*source on meta"):
+        calibrated_sample(*args, ALPHA, BETA, samples_per_source=2, seed=0)
