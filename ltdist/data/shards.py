@@ -1,7 +1,7 @@
 """``python -m ltdist.data.shards FORMAT --src ... --out DIR``: raw dataset -> webdataset shards + index.json.
 
 Formats: fashion-mnist, imagefolder, list (ImageNet-LT / Places-LT), inat2018, cifar. See
-``--help`` for the options; DESIGN.md "Data flow" for where the shards go next.
+``--help`` for the options; README.md, "How it works: Data flow", for where the shards go next.
 """
 
 from __future__ import annotations
