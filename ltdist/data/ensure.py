@@ -22,7 +22,10 @@ _BUILD_KEYS = {"fashion-mnist": _LT_KEYS, "cifar": _LT_KEYS}
 def ensure_shards(cfg_data: DictConfig) -> Path:
     """Return ``<cfg.data.shards>/index.json``, building it from cfg.data.format / src / profile /
     imbalance / val_per_class (seed 0) when absent. Safe to call from every rank at once: one process
-    builds under a file lock, the others wait and then read its index."""
+    builds under a file lock, the others wait and then read its index.
+
+    Existing shards are used as built: a different ``data.format`` is a warning, and the build settings
+    are compared only when the formats agree (settings of another format's reader mean nothing there)."""
     out = Path(cfg_data.shards)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".build.lock", "w") as lock:
@@ -48,7 +51,10 @@ def ensure_shards(cfg_data: DictConfig) -> Path:
                     path, ", ".join(str(p) for p in resized))
     built = index.build
     if built.get("format") != cfg_data.format:
-        raise ValueError(f"{out} holds {built.get('format')!r} shards but data.format={cfg_data.format!r}")
+        # The index says how the shards were built; data.format only chooses the reader when building.
+        log.warning("%s holds shards built from %r; data.format=%r only matters for building, using them as built",
+                    out, built.get("format"), cfg_data.format)
+        return path
     diff = {k: (built.get(k), cfg_data[k]) for k in _BUILD_KEYS.get(cfg_data.format, ())
             if built.get(k) != cfg_data[k]}
     if diff:
