@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from ltdist.distributed import init_distributed
+    from ltdist.engine.ds_ops import isolate_torch_extensions
 
     os.environ.setdefault("MASTER_PORT", "29517")
     env = init_distributed(args.device)
+    isolate_torch_extensions()
     rows = []
     for case in args.cases:
         try:
