@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ltdist.distributed import DistEnv, barrier
 from ltdist.engine import checkpoint as ckpt
 from ltdist.engine import requeue_log
-from ltdist.engine.ds_config import build_deepspeed_config, effective_lr, plan_batches
+from ltdist.engine.ds_config import build_deepspeed_config, effective_lr, plan_batches, skip_single_rank_allreduce
 from ltdist.engine.metrics import MetricsSink, StepWindow, validate
 from ltdist.engine.numerics import NonFiniteGuard, nonfinite_parameters
 from ltdist.engine.progress import TrainProgress
@@ -83,6 +83,7 @@ class Trainer:
                                                 OmegaConf.to_container(cfg.deepspeed.extra, resolve=True))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config, dist_init_required=False)
+        skip_single_rank_allreduce(self.engine)
         if self.dtype != torch.float32 and env.device.type == "cpu":
             # DeepSpeed casts parameters only; CPU batch_norm wants its running statistics in the same dtype.
             for buffer in self.engine.module.buffers():
