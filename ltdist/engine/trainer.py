@@ -25,6 +25,7 @@ from ltdist.distributed import DistEnv, barrier
 from ltdist.engine import checkpoint as ckpt
 from ltdist.engine import requeue_log
 from ltdist.engine.ds_config import build_deepspeed_config, effective_lr, plan_batches, skip_single_rank_allreduce
+from ltdist.engine.ds_ops import isolate_torch_extensions
 from ltdist.engine.metrics import MetricsSink, StepWindow, validate
 from ltdist.engine.numerics import NonFiniteGuard, nonfinite_parameters
 from ltdist.engine.progress import TrainProgress
@@ -81,6 +82,7 @@ class Trainer:
                                     nesterov=o.nesterov)
         self.ds_config = build_deepspeed_config(self.plan, t.precision, cfg.deepspeed.zero_stage, o.grad_clip,
                                                 OmegaConf.to_container(cfg.deepspeed.extra, resolve=True))
+        isolate_torch_extensions()  # a lock left by a killed rank in a shared extension cache cannot stop us
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config, dist_init_required=False)
         skip_single_rank_allreduce(self.engine)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ltdist.distributed import barrier
 from ltdist.engine.ds_config import plan_batches
-from ltdist.engine.ds_ops import isolate_torch_extensions, stale_locks
+from ltdist.engine.ds_ops import stale_locks
 from ltdist.engine.trainer import Trainer
 from ltdist.stages import StageContext
 from ltdist.watchdog import watchdog
@@ -44,7 +44,6 @@ def build_trainer(ctx: StageContext, on_batch: Callable | None = None, loss_hook
         return iterate_split(index, "val", batch_size=plan.micro_batch, rank=env.rank, world_size=env.world_size,
                              image_size=cfg.data.image_size, channels=cfg.data.channels)
 
-    isolate_torch_extensions()  # a lock left by a killed rank in a shared extension cache cannot stop us
     with watchdog(f"rank {env.rank}: building the DeepSpeed engine (deepspeed.initialize: op loading, "
                   "parameter broadcast from rank 0)", details=_extension_locks):
         return Trainer(cfg, ctx.run_dir, env, stream, index.num_classes, index.train_counts,
