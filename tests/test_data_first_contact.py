@@ -117,3 +117,14 @@ def test_a_class_without_training_samples_names_the_shards_and_the_exclusion_key
 def test_good_values_pass_and_return_the_excluded_classes(folder_shards):
     assert check_against_data(_cfg(folder_shards, "data.exclude_from_training=few"), read_index(folder_shards)) \
         == [2, 3]
+
+
+def test_the_launcher_names_the_key_before_submitting_when_the_shards_exist(folder_shards, tmp_path, capsys):
+    from ltdist.launch import main as launch_main
+
+    code = launch_main(["--cluster", "local", f"data.shards={folder_shards.parent}", "data.format=imagefolder",
+                        "data.exclude_from_training=[9]", f"output.root={tmp_path / 'runs'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data.exclude_from_training: class ids [9] outside [0, 4)" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # nothing submitted
