@@ -19,6 +19,7 @@ from ltdist.distributed import barrier
 from ltdist.engine.progress import Heartbeat
 from ltdist.fileio import torch_save_atomic
 from ltdist.stages import StageContext
+from ltdist.watchdog import watchdog
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def run(ctx: StageContext) -> None:
     weights = model_path(ctx.run_dir)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the extract stage needs the train stage's model export")
-    index = read_index(ensure_shards(cfg.data))
+    with watchdog(f"rank {env.rank}: the shard index in {cfg.data.shards} (another process may be building it)"):
+        index = read_index(ensure_shards(cfg.data))
     model = load_exported_model(weights).to(env.device).eval()
     for split in SPLITS:
         if split not in index.manifest:
