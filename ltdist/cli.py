@@ -14,6 +14,7 @@ COMMANDS = {
 BENCHMARKS = {
     "kernels": "ltdist.kernels.bench",
     "engine": "ltdist.engine.bench",
+    "engine-dist": "ltdist.engine.bench_dist",
     "data": "ltdist.data.bench",
 }
 
@@ -25,6 +26,7 @@ commands:
   stats          what the rebalancing stream will emit, per class, per rank
   bench kernels  kernel microbenchmarks (Triton / C++ / CUDA vs PyTorch)
   bench engine   DeepSpeed step time vs a plain PyTorch loop
+  bench engine-dist  2 ranks: DeepSpeed ZeRO 0/1/2 vs DistributedDataParallel
   bench data     training-stream throughput vs a map-style DataLoader
 
 'ltdist COMMAND --help' describes each command."""
