@@ -97,9 +97,10 @@ def run(ctx: StageContext) -> None:
         batches = iterate_split(index, split, batch_size=cfg.trainer.batch_size, rank=env.rank,
                                 world_size=env.world_size, image_size=cfg.data.image_size,
                                 channels=cfg.data.channels, num_workers=cfg.data.num_workers)
-        # Rank 0 speaks for all: its share is within a shard of everyone else's.
-        heartbeat = Heartbeat(f"extract {split} (rank 0)", sum(index.counts[split]) // env.world_size,
-                              enabled=env.is_main)
+        # Rank 0 speaks for all: its shards (i % world_size == 0, as iterate_split deals them) are within one
+        # shard of anyone else's share.
+        mine = sum(s.samples for s in index.split_shards(split)[::env.world_size])
+        heartbeat = Heartbeat(f"extract {split} (rank 0)", mine, enabled=env.is_main)
         shard = embed_split(model, batches, env.device, heartbeat)
         shard_path = merged.with_name(f"{split}.rank{env.rank}.pt")
         torch_save_atomic(shard, shard_path)
