@@ -128,3 +128,12 @@ def test_the_launcher_names_the_key_before_submitting_when_the_shards_exist(fold
     err = capsys.readouterr().err
     assert "data.exclude_from_training: class ids [9] outside [0, 4)" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # nothing submitted
+
+
+def test_a_small_data_set_gets_enough_train_shards_for_ranks_and_workers(tmp_path):
+    src = write_imagefolder(tmp_path / "tree", {"train": [30, 20, 10], "test": [2, 2, 2]})
+    cfg = load_config(None, [f"data.shards={tmp_path / 'shards'}", "data.format=imagefolder", f"data.src={src}",
+                             "data.val_per_class=2"])
+    index = read_index(ensure_shards(cfg.data))
+    assert sum(index.train_counts) == 54 and len(index.manifest["train"]) >= 16  # 256 per shard would give 1
+    assert index.build["shard_size"] == 54 // 16

@@ -54,7 +54,8 @@ def test_imagefolder_without_val_runs_the_demo_stages_on_two_ranks(tmp_path):
     index = json.loads((tmp_path / "shards" / "index.json").read_text())
     # min(val_per_class, n // 2) per class moved from train to val
     assert index["splits"]["val"]["counts"] == [4, 4, 4, 4]
-    assert index["splits"]["train"]["counts"] == [196, 56, 16, 4]  # 2 shards of 256 at most: one per rank
+    assert index["splits"]["train"]["counts"] == [196, 56, 16, 4]
+    assert len(index["splits"]["train"]["shards"]) >= 16  # small data, small shards: enough for ranks × workers
     assert index["build"]["val_carved_from_train"] is True
     run_dir = root / "default" / "folder"
     report = json.loads((run_dir / "report.json").read_text())

@@ -65,12 +65,16 @@ def load_source(
 def build_shards(
     fmt: str, src: str, out: Path, *, profile: str = "exp", imbalance: float = 1000.0, val_per_class: int = 20,
     seed: int = 0, split_files: dict[str, str] | None = None, shard_size: int = 1000, workers: int = 1,
-    resize_short: int = 0, progress: bool = True,
+    resize_short: int = 0, progress: bool = True, min_train_shards: int = 1,
 ) -> Path:
-    """Convert a raw dataset into ``out/{split}-*.tar`` + ``out/index.json``; return the index path."""
+    """Convert a raw dataset into ``out/{split}-*.tar`` + ``out/index.json``; return the index path.
+
+    ``shard_size`` shrinks when train would otherwise have fewer than ``min_train_shards`` shards: the
+    stream deals whole train shards to ranks × loader workers, so a small data set needs small shards.
+    """
     classes, splits = load_source(fmt, src, profile=profile, imbalance=imbalance, val_per_class=val_per_class,
                                   seed=seed, split_files=split_files)
-    build = {"format": fmt, "src": src, "seed": seed, "shard_size": shard_size, "resize_short": resize_short}
+    build = {"format": fmt, "src": src, "seed": seed, "resize_short": resize_short}
     if fmt in HOLDS_OUT_VAL:
         build.update(profile=profile, imbalance=imbalance, val_per_class=val_per_class)
     elif "val" not in splits and val_per_class > 0:
@@ -79,5 +83,7 @@ def build_shards(
         build.update(val_per_class=val_per_class, val_carved_from_train=True)
         log.info("no val split in %s: carved %d images (up to %d per class) from train", src,
                  len(splits["val"]), val_per_class)
+    shard_size = max(1, min(shard_size, len(splits["train"]) // min_train_shards))
+    build["shard_size"] = shard_size
     return write_shards(out, classes, splits, shard_size=shard_size, workers=workers,
                         resize_short=resize_short, seed=seed, build=build, progress=progress)

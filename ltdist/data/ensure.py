@@ -13,6 +13,8 @@ from ltdist.data.index import read_index
 
 log = logging.getLogger(__name__)
 SHARD_SIZE = 256  # small shards: Fashion-MNIST-LT then has 44 train shards for ranks × workers
+# A smaller data set gets smaller shards, so that up to 16 ranks × workers each get a train shard.
+MIN_TRAIN_SHARDS = 16
 BUILD_SEED = 0
 # Config keys that must agree with the build recorded in index.json, per format.
 _LT_KEYS = ("profile", "imbalance", "val_per_class")
@@ -39,7 +41,7 @@ def ensure_shards(cfg_data: DictConfig) -> Path:
             log.info("building %s shards in %s", fmt, out)
             build_shards(fmt, cfg_data.src, out, profile=cfg_data.profile, imbalance=float(cfg_data.imbalance),
                          val_per_class=int(cfg_data.val_per_class), seed=BUILD_SEED, shard_size=SHARD_SIZE,
-                         progress=False)
+                         progress=False, min_train_shards=MIN_TRAIN_SHARDS)
     index = read_index(path)
     missing = index.missing_files()
     if missing:
