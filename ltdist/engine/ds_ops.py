@@ -99,9 +99,14 @@ def isolate_torch_extensions() -> Path:
     current = os.environ.get("TORCH_EXTENSIONS_DIR", "")
     if current and Path(current).name.startswith(f"pid{os.getpid()}-"):
         return Path(current)
-    source = ensure_prebuilt()
     parent = Path(tempfile.gettempdir()) / f"ltdist-torch-extensions-{os.getuid()}"
     parent.mkdir(parents=True, exist_ok=True)
+    try:
+        source = ensure_prebuilt()
+    except PermissionError:  # a read-only installation that nobody prebuilt: a per-user copy on this node
+        log.warning("cannot build into %s (read-only); building DeepSpeed's ops under %s instead (run "
+                    "`python -m ltdist.engine.ds_ops` at install time to avoid this)", prebuilt_root(), parent)
+        source = ensure_prebuilt(parent / "prebuilt" / _tag())
     _prune_dead(parent)
     private = Path(tempfile.mkdtemp(prefix=f"pid{os.getpid()}-", dir=parent))
     shutil.copytree(source, private, dirs_exist_ok=True, ignore=shutil.ignore_patterns(TORCH_LOCK, ".ltdist-*"))
