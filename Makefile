@@ -34,6 +34,8 @@ $(CONSTRAINTS): | $(PY)
 
 $(INSTALLED): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) | $(CONSTRAINTS)
 	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	# DeepSpeed's JIT ops, built now so no run ever waits on torch's extension lock (ltdist/engine/ds_ops.py).
+	$(PY) -m ltdist.engine.ds_ops
 	touch $@
 
 system-packages:

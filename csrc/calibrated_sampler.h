@@ -1,4 +1,4 @@
-// Calibrated Gaussian sampling (paper 2, §3.3; DESIGN.md "MPFA and the sampler"), shared layout.
+// Calibrated Gaussian sampling (paper 2, §3.3; README.md "How it works: MPDT"), shared layout.
 //
 // For a source feature z̃ of class o with neighbour classes k_1..k_M and weights w_m, draw
 //   x = μ + (1−α) A_o ε₀ + α Σ_m √w_m A_{k_m} ε_m + √β ε,   μ = (1−α) z̃ + α Σ_m w_m ĉ_{k_m},

@@ -1,4 +1,4 @@
-"""Calibrated Gaussian feature sampling for MPFA (paper 2, §3.3; DESIGN.md "MPFA and the sampler").
+"""Calibrated Gaussian feature sampling for MPFA (paper 2, §3.3; README.md "How it works: MPDT").
 
 Each request s (a real feature z̃_s of class o_s, with M neighbour classes k_sm and weights w_sm)
 gets R draws from N(μ_s, Σ_s) with

@@ -17,6 +17,7 @@ BENCHMARKS = {
     "kernels": "ltdist.kernels.bench",
     "engine": "ltdist.engine.bench",
     "objectives": "ltdist.engine.bench_objectives",
+    "engine-dist": "ltdist.engine.bench_dist",
     "data": "ltdist.data.bench",
     "mpfa": "ltdist.methods.mpfa_bench",
 }
@@ -32,6 +33,7 @@ commands:
   bench kernels  kernel microbenchmarks (Triton / C++ / CUDA vs PyTorch)
   bench engine   DeepSpeed step time vs a plain PyTorch loop
   bench objectives  a stage-1 objective's step (MPCL with/without meta step) vs a cross-entropy step
+  bench engine-dist  2 ranks: DeepSpeed ZeRO 0/1/2 vs DistributedDataParallel
   bench data     training-stream throughput vs a map-style DataLoader
   bench mpfa     MPFA stage memory and generation throughput on an iNaturalist-shaped bank
 

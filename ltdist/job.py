@@ -44,12 +44,15 @@ class Job:
         from ltdist.distributed import init_distributed, shutdown_distributed
         from ltdist.preemption import install_preemption_handler
         from ltdist.stages import StageContext, run_stages
+        from ltdist.watchdog import watchdog
 
         _configure_logging(int(os.environ.get("SLURM_PROCID", os.environ.get("SUBMITIT_LOCAL_GLOBALID", 0))))
         job_id = os.environ.get("SLURM_JOB_ID", os.environ.get("SUBMITIT_LOCAL_JOB_ID", ""))
         _set_triton_cache(job_id)
         install_preemption_handler()
-        env = init_distributed(self.cfg.trainer.device)
+        with watchdog("joining the process group (every rank must reach init_distributed; MASTER_ADDR="
+                      f"{os.environ.get('MASTER_ADDR', '?')}, MASTER_PORT={os.environ.get('MASTER_PORT', '?')})"):
+            env = init_distributed(self.cfg.trainer.device)
         log.info("job %s: rank %d/%d on %s (%s, %s), run dir %s", job_id, env.rank, env.world_size,
                  env.hostname, env.backend, env.device, self.run_dir)
         try:

@@ -132,6 +132,22 @@ def follow_job(job, cluster: str, poll_s: float = 1.0) -> int:
     return 0
 
 
+def _data_problems(cfg) -> str | None:
+    """Config values only the data can check, when the shards exist already (else the train stage checks
+    them once rank 0 has built the shards): the message, or None when they fit."""
+    index_path = Path(cfg.data.shards) / "index.json"
+    if "train" not in cfg.stages or not index_path.is_file():
+        return None
+    from ltdist.data import read_index
+    from ltdist.data.classes import DataConfigError, check_against_data
+
+    try:
+        check_against_data(cfg, read_index(index_path))
+    except DataConfigError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -141,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError([f"launch.nodes: the local executor runs on one node, got {cfg.launch.nodes}"])
     except ConfigError as exc:
         print(f"ltdist launch: {exc}", file=sys.stderr)
+        return 2
+    problems = _data_problems(cfg)
+    if problems:
+        print(f"ltdist launch: {problems}", file=sys.stderr)
         return 2
     run_dir = resolve_run_dir(cfg)
     log_dir = run_dir / "logs"

@@ -70,3 +70,15 @@ def member_offsets(path: Path) -> list[tuple[str, int, int]]:
     """(member name, header offset, data offset) of every member of a tar file."""
     with tarfile.open(path) as tar:
         return [(m.name, m.offset, m.offset_data) for m in tar.getmembers()]
+
+
+def write_imagefolder(root: Path, counts: dict[str, list[int]], size: int = 8) -> Path:
+    """An ImageFolder tree ``root/<split>/c<j>/<i>.png`` with ``counts[split][j]`` grayscale PNGs per class
+    (only the splits given: the common layout is train and test without val). Returns ``root``."""
+    for split, per_class in counts.items():
+        for j, n in enumerate(per_class):
+            folder = root / split / f"c{j}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (folder / f"{i}.png").write_bytes(png_bytes(1_000_003 * len(split) + 1009 * j + i, size))
+    return root

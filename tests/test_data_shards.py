@@ -165,7 +165,9 @@ def test_list_files_imagenet_lt_style(tmp_path):
             lines[split].append(f"{rel} {label}")
     for split in lines:
         (tmp_path / f"ImageNet_LT_{split}.txt").write_text("\n".join(lines[split]) + "\n")
+    # --val-per-class 0: every train image stays in train (carving is tested in test_data_first_contact.py)
     args = ["list", "--src", str(tmp_path / "img"), "--out", str(tmp_path / "s"), "--no-progress",
+            "--val-per-class", "0",
             "--split-file", f"train={tmp_path / 'ImageNet_LT_train.txt'}",
             "--split-file", f"test={tmp_path / 'ImageNet_LT_test.txt'}"]
     assert shards_main(args) == 0
@@ -189,7 +191,7 @@ def test_inat2018_json(tmp_path):
            "categories": [{"id": 7, "name": "Quercus"}, {"id": 3, "name": "Acer"}]}
     (tmp_path / "train2018.json").write_text(json.dumps(doc))
     out = build_shards("inat2018", str(tmp_path), tmp_path / "s",
-                       split_files={"train": str(tmp_path / "train2018.json")}, progress=False)
+                       split_files={"train": str(tmp_path / "train2018.json")}, val_per_class=0, progress=False)
     index = read_index(out)
     assert index.classes == ["Acer", "Quercus"] and index.counts["train"] == [3, 3]
     train = read_back(out, "train")

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
+from ltdist.data.classes import excluded_classes
 from ltdist.methods.kt import (
     build_kt_classifiers,
     class_prototypes,
     cosine_probabilities,
     ensemble_probabilities,
-    excluded_classes,
 )
 
 

@@ -13,6 +13,8 @@ from ltdist.data.index import read_index
 
 log = logging.getLogger(__name__)
 SHARD_SIZE = 256  # small shards: Fashion-MNIST-LT then has 44 train shards for ranks × workers
+# A smaller data set gets smaller shards, so that up to 16 ranks × workers each get a train shard.
+MIN_TRAIN_SHARDS = 16
 BUILD_SEED = 0
 # Config keys that must agree with the build recorded in index.json, per format.
 _LT_KEYS = ("profile", "imbalance", "val_per_class")
@@ -22,7 +24,10 @@ _BUILD_KEYS = {"fashion-mnist": _LT_KEYS, "cifar": _LT_KEYS}
 def ensure_shards(cfg_data: DictConfig) -> Path:
     """Return ``<cfg.data.shards>/index.json``, building it from cfg.data.format / src / profile /
     imbalance / val_per_class (seed 0) when absent. Safe to call from every rank at once: one process
-    builds under a file lock, the others wait and then read its index."""
+    builds under a file lock, the others wait and then read its index.
+
+    Existing shards are used as built: a different ``data.format`` is a warning, and the build settings
+    are compared only when the formats agree (settings of another format's reader mean nothing there)."""
     out = Path(cfg_data.shards)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".build.lock", "w") as lock:
@@ -36,7 +41,7 @@ def ensure_shards(cfg_data: DictConfig) -> Path:
             log.info("building %s shards in %s", fmt, out)
             build_shards(fmt, cfg_data.src, out, profile=cfg_data.profile, imbalance=float(cfg_data.imbalance),
                          val_per_class=int(cfg_data.val_per_class), seed=BUILD_SEED, shard_size=SHARD_SIZE,
-                         progress=False)
+                         progress=False, min_train_shards=MIN_TRAIN_SHARDS)
     index = read_index(path)
     missing = index.missing_files()
     if missing:
@@ -48,7 +53,10 @@ def ensure_shards(cfg_data: DictConfig) -> Path:
                     path, ", ".join(str(p) for p in resized))
     built = index.build
     if built.get("format") != cfg_data.format:
-        raise ValueError(f"{out} holds {built.get('format')!r} shards but data.format={cfg_data.format!r}")
+        # The index says how the shards were built; data.format only chooses the reader when building.
+        log.warning("%s holds shards built from %r; data.format=%r only matters for building, using them as built",
+                    out, built.get("format"), cfg_data.format)
+        return path
     diff = {k: (built.get(k), cfg_data[k]) for k in _BUILD_KEYS.get(cfg_data.format, ())
             if built.get(k) != cfg_data[k]}
     if diff:

@@ -1,4 +1,4 @@
-"""Class-rebalancing by per-sample repeat factors (DESIGN.md "Sampling in a stream").
+"""Class-rebalancing by per-sample repeat factors (README.md, "How it works: Sampling in a stream").
 
 Target class probability q_j ∝ n_j^p (p = 1 instance, 0.5 square root, 0 class balanced). Each
 sample of class j is emitted floor(r_j) + Bernoulli(frac(r_j)) times with r_j = q_j · N / n_j, so the

@@ -1,7 +1,7 @@
 """``python -m ltdist.data.shards FORMAT --src ... --out DIR``: raw dataset -> webdataset shards + index.json.
 
 Formats: fashion-mnist, imagefolder, list (ImageNet-LT / Places-LT), inat2018, cifar. See
-``--help`` for the options; DESIGN.md "Data flow" for where the shards go next.
+``--help`` for the options; README.md, "How it works: Data flow", for where the shards go next.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def parser() -> argparse.ArgumentParser:
                    help="long-tail profile (fashion-mnist, cifar)")
     p.add_argument("--imbalance", type=float, default=None,
                    help="imbalance factor n_max/n_min (default 1000 for fashion-mnist, 100 for cifar)")
-    p.add_argument("--val-per-class", type=int, default=20, help="val images per class from left-out train images")
+    p.add_argument("--val-per-class", type=int, default=20,
+                   help="val images per class: fashion-mnist/cifar hold them out of the long-tail cut; a source "
+                   "without a val split has them carved from train (at most half a class; 0 = no val)")
     p.add_argument("--seed", type=int, default=0, help="seed of the long-tail choice and the shard shuffle")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--workers", type=int, default=1, help="parallel shard-writer processes")

@@ -1,5 +1,5 @@
 """The training stream for the DeepSpeed engine: exact rebalancing, equal batches on every rank,
-exact mid-epoch resumption (DESIGN.md "Sampling in a stream").
+exact mid-epoch resumption (README.md, "How it works: Sampling in a stream").
 
 Batch t of a rank's epoch comes from logical worker t % W (see :mod:`ltdist.data.plan`). With W > 1
 the workers run in torch DataLoader processes, whose in-order round robin over workers delivers

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ltdist.data.index import ShardInfo, file_sha256, keys_digest, write_index
+from ltdist.engine.progress import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -116,19 +117,26 @@ def write_shards(
             jobs.append((out_dir / f"{split}-{i:06d}.tar", samples[start:start + shard_size], resize_short))
             owners.append(split)
     manifest: dict[str, list[ShardInfo]] = {split: [] for split in splits}
-    bar = tqdm(total=sum(len(j[1]) for j in jobs), unit="img", desc=f"shards -> {out_dir}",
-               disable=not progress)
+    total = sum(len(j[1]) for j in jobs)
+    bar = tqdm(total=total, unit="img", desc=f"shards -> {out_dir}", disable=not progress)
+    # Without the bar (under the launcher, whose stdout is a log file) a line every 30 s says where it is.
+    heartbeat = Heartbeat(f"shards -> {out_dir}", total, enabled=not progress)
+    written = 0
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
             results = []
             for job, info in zip(jobs, pool.imap(_write_shard, jobs)):
                 bar.update(len(job[1]))
+                written += len(job[1])
+                heartbeat.tick(written, "images")
                 results.append(info)
     else:
         results = []
         for job in jobs:
             results.append(_write_shard(job))
             bar.update(len(job[1]))
+            written += len(job[1])
+            heartbeat.tick(written, "images")
     bar.close()
     for split, info in zip(owners, results):
         manifest[split].append(info)

@@ -1,11 +1,16 @@
 """Benchmark: one optimizer step of the DeepSpeed engine vs a plain PyTorch loop, same model and batch.
 
-    python -m ltdist.engine.bench [--cases resnet32:28:128 resnet50:224:8] [--zero-stage 0] [--out bench.json]
+    python -m ltdist.engine.bench [--cases resnet32:28:128 resnet50:224:8] [--zero-stage 0] [--threads 1]
+                                  [--profile 4] [--out bench.json]
 
-Single process (gloo group of 1, as DeepSpeed needs one). Both loops train an identical copy of the model
-on the same in-memory batch; steps alternate plain / DeepSpeed (order swapped every pair) so that load
-drift and position effects hit both alike. Prints
-a table of median step times and the ratio, and writes them as JSON.
+Single process (gloo group of 1, as DeepSpeed needs one). Three loops train identical copies of the model
+on the same in-memory batch: plain PyTorch, DeepSpeed as it ships (``deepspeed.initialize`` on ltdist's
+config) and DeepSpeed as ltdist's trainer sets it up (:func:`ltdist.engine.ds_config.skip_single_rank_allreduce`).
+Steps rotate through the loops so that load drift and position effects hit all alike. Each step is timed
+in wall time and in this process's CPU time: on a machine shared with other jobs the CPU time (with
+``--threads 1``) is the steadier figure. ``--profile N`` then profiles N steps of each loop with
+torch.profiler and prints the top operators and where DeepSpeed's step differs from the plain one.
+The distributed comparison (2 ranks, DDP vs ZeRO 0/1/2) is :mod:`ltdist.engine.bench_dist`.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ltdist.engine.ds_config import build_deepspeed_config, plan_batches
+from ltdist.engine.ds_config import build_deepspeed_config, plan_batches, skip_single_rank_allreduce
+
+LOOPS = ("plain", "deepspeed", "ltdist")  # plain PyTorch, DeepSpeed as shipped, DeepSpeed as ltdist sets it up
 
 
 def _plain_step(model, optimizer, images, labels) -> None:
@@ -36,44 +44,105 @@ def _ds_step(engine, images, labels) -> None:
     engine.step()
 
 
+def make_sgd(model: torch.nn.Module) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+def timed_rounds(loops: dict[str, Callable[[], None]], steps: int, warmup: int,
+                 sync: Callable[[], None] = lambda: None) -> dict[str, dict[str, list[float]]]:
+    """Run ``warmup + steps`` rounds; each round runs every loop once, starting one loop later each round
+    (the loop that runs right after another measurably pays for its caches). Returns per loop the timed
+    rounds' ``wall`` and ``cpu`` (this process, all threads) seconds."""
+    names = list(loops)
+    times = {n: {"wall": [], "cpu": []} for n in names}
+    for i in range(warmup + steps):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            sync()
+            wall, cpu = time.perf_counter(), time.process_time()
+            loops[name]()
+            sync()
+            if i >= warmup:
+                times[name]["wall"].append(time.perf_counter() - wall)
+                times[name]["cpu"].append(time.process_time() - cpu)
+    return times
+
+
+def summarise(times: dict[str, dict[str, list[float]]], baseline: str) -> dict[str, dict]:
+    """Per loop: median wall/cpu seconds and, against ``baseline``, the median of per-round ratios (each
+    round's loops saw about the same load, so this is the steadiest ratio on a shared machine)."""
+    out = {}
+    for name, t in times.items():
+        base = times[baseline]
+        out[name] = {"wall_s": statistics.median(t["wall"]), "cpu_s": statistics.median(t["cpu"]),
+                     "paired_wall": statistics.median(a / b for a, b in zip(t["wall"], base["wall"])),
+                     "paired_cpu": statistics.median(a / b for a, b in zip(t["cpu"], base["cpu"]))}
+    return out
+
+
+def profile_loops(loops: dict[str, Callable[[], None]], steps: int, top: int = 10) -> dict[str, list]:
+    """torch.profiler over ``steps`` steps of each loop: the ``top`` operators by self CPU time per step
+    ``[name, ms, calls]``, plus ``"<loop> - <first loop>"``: the operators whose per-step time grew most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, step in loops.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        per_op[name] = {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()}
+    result: dict[str, list] = {}
+    first = next(iter(per_op))
+    for name, ops in per_op.items():
+        result[name] = [[k, ms, n] for k, (ms, n) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]]
+        if name != first:
+            keys = set(ops) | set(per_op[first])
+            grew = sorted(((ops.get(k, (0, 0))[0] - per_op[first].get(k, (0, 0))[0], k) for k in keys), reverse=True)
+            result[f"{name} - {first}"] = [[k, ms, per_op[first].get(k, (0, 0))[1], ops.get(k, (0, 0))[1]]
+                                           for ms, k in grew[:top]]
+    return result
+
+
 def bench_case(arch: str, image_size: int, batch: int, channels: int, steps: int, warmup: int, zero_stage: int,
-               device: torch.device) -> dict:
+               device: torch.device, profile_steps: int = 0) -> dict:
     import deepspeed
 
     from ltdist.models import build_model
 
     torch.manual_seed(0)
     model = build_model(arch, num_classes=10, channels=channels).to(device)
-    plain = copy.deepcopy(model)
-    make_opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    copies = {name: copy.deepcopy(model) for name in LOOPS}
     config = build_deepspeed_config(plan_batches(batch, 1, 1), "fp32", zero_stage, grad_clip=0.0)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_opt(model), config=config,
-                                           dist_init_required=False)
-    plain_opt = make_opt(plain)
+    engines = {}
+    for name in ("deepspeed", "ltdist"):
+        engines[name], _, _, _ = deepspeed.initialize(model=copies[name], optimizer=make_sgd(copies[name]),
+                                                      config=config, dist_init_required=False)
+    skip_single_rank_allreduce(engines["ltdist"])
+    plain_opt = make_sgd(copies["plain"])
     images = torch.randn(batch, channels, image_size, image_size, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {"plain": [], "deepspeed": []}
-    loops = (("plain", lambda: _plain_step(plain, plain_opt, images, labels)),
-             ("deepspeed", lambda: _ds_step(engine, images, labels)))
-    for i in range(warmup + steps):
-        # Alternate which loop goes first: the second of a pair runs measurably slower (caches, allocator).
-        for name, step in loops if i % 2 == 0 else loops[::-1]:
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    plain_s, ds_s = statistics.median(times["plain"]), statistics.median(times["deepspeed"])
-    # On a shared machine the load drifts between steps; each plain step and the DeepSpeed step right after
-    # it see about the same load, so the median of the per-pair ratios is the steadiest estimate.
-    paired = statistics.median(d / p for p, d in zip(times["plain"], times["deepspeed"]))
-    return {"arch": arch, "image_size": image_size, "batch": batch, "channels": channels, "zero_stage": zero_stage,
-            "precision": "fp32", "device": str(device), "threads": torch.get_num_threads(), "steps": steps,
-            "plain_step_s": plain_s, "deepspeed_step_s": ds_s, "ratio": ds_s / plain_s, "paired_ratio": paired,
-            "ratio_of_minima": min(times["deepspeed"]) / min(times["plain"]),
-            "plain_all_s": times["plain"], "deepspeed_all_s": times["deepspeed"]}
+    loops = {"plain": lambda: _plain_step(copies["plain"], plain_opt, images, labels),
+             "deepspeed": lambda: _ds_step(engines["deepspeed"], images, labels),
+             "ltdist": lambda: _ds_step(engines["ltdist"], images, labels)}
+    times = timed_rounds(loops, steps, warmup, sync)
+    row = {"arch": arch, "image_size": image_size, "batch": batch, "channels": channels, "zero_stage": zero_stage,
+           "precision": "fp32", "device": str(device), "threads": torch.get_num_threads(), "steps": steps,
+           "loops": summarise(times, "plain"), "times": times}
+    if profile_steps:
+        row["profile"] = profile_loops(loops, profile_steps)
+    return row
+
+
+def _print_profile(profile: dict[str, list]) -> None:
+    for name, entries in profile.items():
+        if " - " in name:
+            print(f"\nprofile, {name}: operators whose self CPU time per step grew most (ms, calls before -> after)")
+            for op, ms, before, after in entries:
+                print(f"  {op:<48}{ms:>+9.2f}  {before:>5.0f} -> {after:<5.0f}")
+        else:
+            print(f"\nprofile, {name}: top operators by self CPU time per step (ms, calls)")
+            for op, ms, calls in entries:
+                print(f"  {op:<48}{ms:>9.2f}  {calls:>5.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,14 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps of each loop")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", type=Path, default=Path("bench_engine.json"))
     args = parser.parse_args(argv)
 
     from ltdist.distributed import init_distributed
+    from ltdist.engine.ds_ops import isolate_torch_extensions
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("MASTER_PORT", "29517")
     env = init_distributed(args.device)
+    isolate_torch_extensions()
     rows = []
     for case in args.cases:
         try:
@@ -100,14 +175,19 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             parser.error(f"--cases entries are arch:image_size:batch, got {case!r}")
         rows.append(bench_case(arch, size, batch, args.channels, args.steps, args.warmup, args.zero_stage,
-                               env.device))
-    print(f"{'model':<16}{'px':>5}{'batch':>7}{'ZeRO':>6}{'plain ms':>11}{'DeepSpeed ms':>14}{'ratio':>8}"
-          f"{'paired':>8}{'of min':>8}")
+                               env.device, args.profile))
+    print(f"{'model':<12}{'px':>4}{'batch':>6}{'thr':>4}  {'loop':<10}{'wall ms':>9}{'CPU ms':>9}"
+          f"{'paired wall':>13}{'paired CPU':>12}")
     for r in rows:
-        print(f"{r['arch']:<16}{r['image_size']:>5}{r['batch']:>7}{r['zero_stage']:>6}"
-              f"{1e3 * r['plain_step_s']:>11.1f}{1e3 * r['deepspeed_step_s']:>14.1f}{r['ratio']:>8.3f}"
-              f"{r['paired_ratio']:>8.3f}{r['ratio_of_minima']:>8.3f}")
-    print("ms: median step time; ratio: of medians; paired: median of per-step-pair ratios; of min: of fastest")
+        for name, s in r["loops"].items():
+            print(f"{r['arch']:<12}{r['image_size']:>4}{r['batch']:>6}{r['threads']:>4}  {name:<10}"
+                  f"{1e3 * s['wall_s']:>9.1f}{1e3 * s['cpu_s']:>9.1f}{s['paired_wall']:>13.3f}{s['paired_cpu']:>12.3f}")
+    print("ms: median per step; paired: median over rounds of the step's time / the plain step's time in the same "
+          "round; deepspeed: as shipped; ltdist: as the trainer sets it up")
+    for r in rows:
+        if "profile" in r:
+            print(f"\n== {r['arch']} {r['image_size']} px, batch {r['batch']}")
+            _print_profile(r["profile"])
     args.out.write_text(json.dumps({"target_ratio": 1.10, "results": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

@@ -63,3 +63,18 @@ def build_deepspeed_config(plan: BatchPlan, precision: str, zero_stage: int, gra
         else:
             config[key] = value
     return config
+
+
+def skip_single_rank_allreduce(engine) -> bool:
+    """Turn off DeepSpeed's gradient all-reduce when there is nothing to reduce; return whether it did.
+
+    Without ZeRO, ``engine.backward`` flattens every gradient into one buffer, scales it by 1/world size,
+    all-reduces it and copies it back, also with a single rank, where all that is the identity. ZeRO
+    optimizers do their bookkeeping in that reduction, so they keep it.
+    """
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    if engine.dp_world_size != 1 or isinstance(engine.optimizer, ZeROOptimizer):
+        return False
+    engine.enable_backward_allreduce = False
+    return True

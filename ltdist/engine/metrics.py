@@ -40,25 +40,35 @@ class StepWindow:
                 "data_wait_fraction": min(self.data_wait_s / elapsed, 1.0)}
 
 
+def tensorboard_writer(directory: Path, is_main: bool):
+    """A ``SummaryWriter`` on ``directory`` for rank 0 when the ``tensorboard`` extra is installed, else None.
+    metrics.jsonl stays the record of a run; the event files are a view of it."""
+    if not is_main or importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(directory))
+
+
+def add_scalars(writer, record: dict, step: int, prefix: str) -> None:
+    """Every int/float field of ``record`` as the scalar ``<prefix>/<key>`` at ``step`` (bools and None skipped)."""
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+    writer.flush()
+
+
 class MetricsSink:
     """Rank 0 writes each record to metrics.jsonl (through ``append``) and, when installed, TensorBoard."""
 
     def __init__(self, append: Callable[[dict], None], tensorboard_dir: Path | None, is_main: bool):
         self.append = append
-        self.writer = None
-        if is_main and tensorboard_dir is not None and importlib.util.find_spec("tensorboard") is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(tensorboard_dir))
+        self.writer = tensorboard_writer(tensorboard_dir, is_main) if tensorboard_dir is not None else None
 
     def write(self, record: dict, step: int) -> None:
         self.append(record)
         if self.writer is not None:
-            prefix = record.get("event", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
-            self.writer.flush()
+            add_scalars(self.writer, record, step, record.get("event", "train"))
 
     def close(self) -> None:
         if self.writer is not None:

@@ -24,9 +24,11 @@ from ltdist.data.meta_set import MetaSet
 from ltdist.distributed import DistEnv, barrier
 from ltdist.engine import checkpoint as ckpt
 from ltdist.engine import requeue_log
-from ltdist.engine.ds_config import build_deepspeed_config, effective_lr, plan_batches
+from ltdist.engine.ds_config import build_deepspeed_config, effective_lr, plan_batches, skip_single_rank_allreduce
+from ltdist.engine.ds_ops import isolate_torch_extensions
 from ltdist.engine.metrics import MetricsSink, StepWindow, validate
 from ltdist.engine.numerics import NonFiniteGuard, nonfinite_parameters
+from ltdist.engine.progress import TrainProgress
 from ltdist.engine.schedule import lr_at
 from ltdist.evaluate.groups import class_groups
 from ltdist.methods.objectives import build_objective
@@ -83,8 +85,10 @@ class Trainer:
                                     nesterov=o.nesterov)
         self.ds_config = build_deepspeed_config(self.plan, t.precision, cfg.deepspeed.zero_stage, o.grad_clip,
                                                 OmegaConf.to_container(cfg.deepspeed.extra, resolve=True))
+        isolate_torch_extensions()  # a lock left by a killed rank in a shared extension cache cannot stop us
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  config=self.ds_config, dist_init_required=False)
+        skip_single_rank_allreduce(self.engine)
         if self.dtype != torch.float32 and env.device.type == "cpu":
             # DeepSpeed casts parameters only; CPU batch_norm wants its running statistics in the same dtype.
             for buffer in self.engine.module.buffers():
@@ -191,15 +195,17 @@ class Trainer:
                   "scale": float(scale.detach()) if scale is not None else None, "skipped_steps": self.guard.skipped,
                   **self.objective.metrics()}
         self.sink.write(record, self.step)
+        self.progress.log_step(record, window)
         window.reset()
 
-    def _validate(self) -> None:
+    def _validate(self) -> dict | None:
         if self.val_batches is None:
-            return
+            return None
         accuracy = validate(self.model, self.val_batches(), self.groups, self.num_classes, self.env.device,
                             self.dtype)
         self.sink.write({"stage": "train", "event": "val", "step": self.step, "epoch": self.epoch,
                          **{f"val_{k}": v for k, v in accuracy.items()}}, self.step)
+        return accuracy
 
     def _fp32_master_weights(self) -> dict[str, torch.Tensor]:
         """The optimizer's fp32 copies of bf16/fp16 parameters, gathered over ranks (a collective);
@@ -240,6 +246,7 @@ class Trainer:
         interactive = self.cfg.trainer.progress and self.env.is_main and sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not interactive, desc="train")
         window = StepWindow()
+        self.progress = TrainProgress(self.total_steps, self.cfg.trainer.epochs, self.step, self.env.is_main)
         epoch_micro = self.steps_per_epoch * self.plan.grad_accum
         while self.step < self.total_steps and self.epoch < self.cfg.trainer.epochs:
             self.stream.set_epoch(self.epoch)
@@ -270,7 +277,7 @@ class Trainer:
                     self.save()
             if self.consumed_in_epoch >= epoch_micro or self.step < self.total_steps:
                 self.epoch, self.consumed_in_epoch = self.epoch + 1, 0  # a full pass (or the stream ran dry)
-                self._validate()
+                self.progress.log_epoch(self.epoch, self.step, window, self._validate())
                 if self.micro_in_window == 0 and self.step != self._last_saved_step:
                     self.save()
         bar.close()

@@ -47,28 +47,6 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     return F.normalize(sums, dim=1).float()
 
 
-def excluded_classes(exclude: Any, train_counts: Sequence[int], few_threshold: int) -> list[int]:
-    """Class ids withheld from backbone training (``data.exclude_from_training``).
-
-    Args:
-        exclude: None (no class), "few" (every class with n < few_threshold) or a list of class ids.
-        train_counts: [C] the dataset's training counts.
-    """
-    if exclude is None:
-        return []
-    counts = [int(n) for n in train_counts]
-    if exclude == "few":
-        return [c for c, n in enumerate(counts) if n < few_threshold]
-    if isinstance(exclude, str):
-        raise ValueError(f"data.exclude_from_training: must be null, 'few' or a list of class ids, "
-                         f"got {exclude!r}")
-    ids = sorted({int(c) for c in exclude})
-    bad = [c for c in ids if not 0 <= c < len(counts)]
-    if bad:
-        raise ValueError(f"data.exclude_from_training: class ids {bad} outside [0, {len(counts)})")
-    return ids
-
-
 @dataclass
 class KTClassifiers:
     """The classifiers KT derives from one trained model; every matrix holds one class vector per row.

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from ltdist.distributed import barrier
+from ltdist.engine.progress import Heartbeat
 from ltdist.fileio import torch_save_atomic
 from ltdist.stages import StageContext
+from ltdist.watchdog import watchdog
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,8 @@ def load_features(run_dir: Path, split: str) -> dict:
     """``{"features": [N, F] float32, "labels": [N] int64, "keys": list[str]}`` of one split."""
     path = features_path(run_dir, split)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run the extract stage first (stages=[extract,...])")
+        raise FileNotFoundError(f"{path} is missing: run the extract stage first (stages=[extract,...]); extract "
+                                f"skips a split the shards do not have (see index.json)")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -54,13 +57,18 @@ def merge_feature_shards(shards: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def embed_split(model: torch.nn.Module, batches, device: torch.device) -> dict:
-    """Features of every batch this rank receives: ``{"features", "labels", "keys"}`` on CPU."""
+def embed_split(model: torch.nn.Module, batches, device: torch.device, heartbeat: Heartbeat | None = None) -> dict:
+    """Features of every batch this rank receives: ``{"features", "labels", "keys"}`` on CPU.
+
+    ``heartbeat`` (optional) is ticked with the number of samples embedded so far.
+    """
     features, labels, keys = [], [], []
     for batch in batches:
         features.append(model.forward_features(batch.images.to(device, non_blocking=True)).float().cpu())
         labels.append(batch.labels.long().cpu())
         keys.extend(batch.keys)
+        if heartbeat is not None:
+            heartbeat.tick(len(keys), "images")
     if not features:
         return {"features": torch.empty(0, model.feature_dim), "labels": torch.empty(0, dtype=torch.long),
                 "keys": []}
@@ -75,9 +83,13 @@ def run(ctx: StageContext) -> None:
     weights = model_path(ctx.run_dir)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: the extract stage needs the train stage's model export")
-    index = read_index(ensure_shards(cfg.data))
+    with watchdog(f"rank {env.rank}: the shard index in {cfg.data.shards} (another process may be building it)"):
+        index = read_index(ensure_shards(cfg.data))
     model = load_exported_model(weights).to(env.device).eval()
     for split in SPLITS:
+        if split not in index.manifest:
+            log.warning("extract: the shards have no %s split, skipped", split)
+            continue
         merged = features_path(ctx.run_dir, split)
         if merged.is_file() and merged.stat().st_mtime >= weights.stat().st_mtime:
             log.info("extract: %s is up to date, skipped", merged)
@@ -85,7 +97,11 @@ def run(ctx: StageContext) -> None:
         batches = iterate_split(index, split, batch_size=cfg.trainer.batch_size, rank=env.rank,
                                 world_size=env.world_size, image_size=cfg.data.image_size,
                                 channels=cfg.data.channels, num_workers=cfg.data.num_workers)
-        shard = embed_split(model, batches, env.device)
+        # Rank 0 speaks for all: its shards (i % world_size == 0, as iterate_split deals them) are within one
+        # shard of anyone else's share.
+        mine = sum(s.samples for s in index.split_shards(split)[::env.world_size])
+        heartbeat = Heartbeat(f"extract {split} (rank 0)", mine, enabled=env.is_main)
+        shard = embed_split(model, batches, env.device, heartbeat)
         shard_path = merged.with_name(f"{split}.rank{env.rank}.pt")
         torch_save_atomic(shard, shard_path)
         barrier()

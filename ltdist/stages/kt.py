@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ltdist.data.classes import excluded_classes
 from ltdist.distributed import barrier
 from ltdist.fileio import torch_save_atomic
 from ltdist.methods.classifier_set import save_classifier_set
-from ltdist.methods.kt import KTClassifiers, build_kt_classifiers, class_prototypes, excluded_classes
+from ltdist.methods.kt import KTClassifiers, build_kt_classifiers, class_prototypes
 from ltdist.methods.kt_select import select_kt_on_val
 from ltdist.stages import StageContext
 from ltdist.stages.extract import features_path, load_features, model_path
@@ -95,7 +96,12 @@ def run(ctx: StageContext) -> None:
             raise FileNotFoundError(f"{weights} is missing: the kt stage needs the train stage's model export")
         head = load_exported_model(weights).classifier
         train = load_features(ctx.run_dir, "train")
+        if cfg.method.kt.prototypes_from == "val" and not features_path(ctx.run_dir, "val").is_file():
+            raise FileNotFoundError(f"method.kt.prototypes_from=val: no val features in {ctx.run_dir / 'features'} "
+                                    "(the shards have no val split, or extract did not run); use "
+                                    "method.kt.prototypes_from=train or rebuild the shards with data.val_per_class > 0")
         source = train if cfg.method.kt.prototypes_from == "train" else load_features(ctx.run_dir, "val")
+        log.info("kt: prototypes and attention for %d classes, k in %s", head.weight.shape[0], list(cfg.method.kt.ks))
         kt = make_kt_classifiers(
             head, train, source, ks=list(cfg.method.kt.ks), tau=cfg.method.kt.tau,
             exclude=cfg.data.exclude_from_training, few_threshold=cfg.evaluate.few_threshold,

@@ -6,14 +6,17 @@ this same stage again) and ends with plain fp32 weights in ``<run_dir>/weights/f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from ltdist.distributed import barrier
 from ltdist.engine.ds_config import plan_batches
+from ltdist.engine.ds_ops import stale_locks
 from ltdist.engine.trainer import Trainer
-from ltdist.methods.kt import excluded_classes
 from ltdist.methods.objectives import build_meta_set
 from ltdist.stages import StageContext
+from ltdist.watchdog import watchdog
 
 
 def build_trainer(ctx: StageContext, on_batch: Callable | None = None, loss_hook: Callable | None = None) -> Trainer:
@@ -22,14 +25,16 @@ def build_trainer(ctx: StageContext, on_batch: Callable | None = None, loss_hook
     ``on_batch`` / ``loss_hook`` are passed to the Trainer (observation and fault injection in tests).
     """
     from ltdist.data import build_train_stream, ensure_shards, iterate_split, read_index
+    from ltdist.data.classes import check_against_data, has_val
 
     cfg, env = ctx.cfg, ctx.dist
-    if env.is_main:  # one writer builds missing shards; the others wait and then read the index
-        ensure_shards(cfg.data)
-    barrier()
+    with watchdog(f"rank {env.rank}: shards in {cfg.data.shards} (rank 0 builds missing ones, the others wait)"):
+        if env.is_main:  # one writer builds missing shards; the others wait and then read the index
+            ensure_shards(cfg.data)
+        barrier()
     index = read_index(ensure_shards(cfg.data))
     plan = plan_batches(cfg.trainer.batch_size, env.world_size, cfg.trainer.grad_accum)
-    exclude = excluded_classes(cfg.data.exclude_from_training, index.train_counts, cfg.evaluate.few_threshold)
+    exclude = check_against_data(cfg, index)  # before any engine: bad values stop here, by key
     meta_set = build_meta_set(cfg, index, ctx.run_dir, env.is_main)
     held_out = dict(zip(meta_set.keys, meta_set.labels)) if meta_set is not None and meta_set.source == "train" else {}
     stream = build_train_stream(
@@ -42,9 +47,18 @@ def build_trainer(ctx: StageContext, on_batch: Callable | None = None, loss_hook
         return iterate_split(index, "val", batch_size=plan.micro_batch, rank=env.rank, world_size=env.world_size,
                              image_size=cfg.data.image_size, channels=cfg.data.channels)
 
-    return Trainer(cfg, ctx.run_dir, env, stream, index.num_classes, index.train_counts, val_batches,
-                   ctx.append_metrics, on_batch=on_batch, loss_hook=loss_hook,
-                   keep_checkpoints=cfg.trainer.keep_checkpoints, meta_set=meta_set)
+    with watchdog(f"rank {env.rank}: building the DeepSpeed engine (deepspeed.initialize: op loading, "
+                  "parameter broadcast from rank 0)", details=_extension_locks):
+        return Trainer(cfg, ctx.run_dir, env, stream, index.num_classes, index.train_counts,
+                       val_batches if has_val(index) else None,
+                       ctx.append_metrics, on_batch=on_batch, loss_hook=loss_hook,
+                       keep_checkpoints=cfg.trainer.keep_checkpoints, meta_set=meta_set)
+
+
+def _extension_locks() -> str:
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", ""))
+    locks = stale_locks(root) if root.name else []
+    return f"torch extension locks: {[str(p) for p in locks]}" if locks else "no torch extension lock held"
 
 
 def run(ctx: StageContext) -> None:

@@ -1,0 +1,74 @@
+"""The engine benchmark's arithmetic, and the single-rank all-reduce the trainer skips changing nothing."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+
+from ltdist.distributed import init_distributed, shutdown_distributed
+from ltdist.engine.bench import _ds_step, make_sgd, summarise, timed_rounds
+from ltdist.engine.ds_config import build_deepspeed_config, plan_batches, skip_single_rank_allreduce
+from ltdist.engine.ds_ops import isolate_torch_extensions
+
+
+@pytest.fixture(scope="module")
+def env():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    isolate_torch_extensions()  # DeepSpeed's op from the prebuilt copy, not built again in the user's cache
+    yield init_distributed("cpu")
+    shutdown_distributed()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_rounds_rotate_and_ratios_are_paired_per_round():
+    order: list[str] = []
+    loops = {name: (lambda n=name: order.append(n)) for name in ("a", "b", "c")}
+    times = timed_rounds(loops, steps=3, warmup=1)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert all(len(t["wall"]) == 3 and len(t["cpu"]) == 3 for t in times.values())
+    synthetic = {"plain": {"wall": [1.0, 2.0, 4.0], "cpu": [1.0, 1.0, 1.0]},
+                 "ds": {"wall": [1.5, 2.2, 4.8], "cpu": [1.1, 1.3, 1.2]}}
+    s = summarise(synthetic, "plain")
+    assert s["ds"]["paired_wall"] == pytest.approx(1.2) and s["ds"]["paired_cpu"] == pytest.approx(1.2)
+    assert s["ds"]["wall_s"] == 2.2 and s["plain"]["paired_wall"] == 1.0
+
+
+def test_skipping_the_single_rank_allreduce_trains_the_same_weights(env):
+    import deepspeed
+
+    from ltdist.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=4, channels=1)
+    config = build_deepspeed_config(plan_batches(8, 1, 1), "fp32", 0, grad_clip=0.0)
+    engines = []
+    for _ in range(2):
+        replica = copy.deepcopy(model)
+        engines.append(deepspeed.initialize(model=replica, optimizer=make_sgd(replica), config=config,
+                                            dist_init_required=False)[0])
+    assert skip_single_rank_allreduce(engines[1]) and not engines[1].enable_backward_allreduce
+    assert engines[0].enable_backward_allreduce
+    images, labels = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
+    for _ in range(3):
+        for engine in engines:
+            _ds_step(engine, images, labels)
+    for (name, a), (_, b) in zip(engines[0].module.named_parameters(), engines[1].module.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert not torch.equal(next(model.parameters()), next(engines[0].module.parameters()))  # it did train
+
+    zero1 = copy.deepcopy(model)
+    config1 = build_deepspeed_config(plan_batches(8, 1, 1), "fp32", 1, grad_clip=0.0)
+    engine1 = deepspeed.initialize(model=zero1, optimizer=make_sgd(zero1), config=config1, dist_init_required=False)[0]
+    assert not skip_single_rank_allreduce(engine1) and engine1.enable_backward_allreduce  # ZeRO keeps its reduction
