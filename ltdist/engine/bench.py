@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps of each loop")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", type=Path, default=Path("bench_engine.json"))
+    parser.add_argument("--objectives", action="store_true",
+                        help="then time the stage-1 objectives on the first case (MPCL with and without the meta "
+                             "step vs CE; ltdist.engine.bench_objectives), written next to --out")
     args = parser.parse_args(argv)
 
     from ltdist.distributed import init_distributed
@@ -190,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
             _print_profile(r["profile"])
     args.out.write_text(json.dumps({"target_ratio": 1.10, "results": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
+    if args.objectives:
+        from ltdist.engine import bench_objectives
+
+        print()
+        return bench_objectives.main(["--case", args.cases[0], "--channels", str(args.channels), "--steps",
+                                      str(args.steps), "--warmup", str(args.warmup),
+                                      "--out", str(args.out.with_name(f"{args.out.stem}_objectives.json"))])
     return 0
 
 
