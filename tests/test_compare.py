@@ -75,3 +75,14 @@ def test_mpcl_without_its_meta_network_is_labelled_ce_plus_lpc(tmp_path):
     config = lpc / "config.yaml"
     config.write_text(config.read_text() + "  mpcl:\n    meta_network: false\n")
     assert sorted(r.objective for r in find_runs([tmp_path])) == ["ce + L_PC", "mpcl"]
+
+
+def test_pick_keeps_the_named_pairs_in_order(tmp_path, capsys):
+    for seed in (0, 1):
+        _run(tmp_path, "ce", seed, {"cosine": (0.9, 0.1), "cRT": (0.8, 0.5)}, loss="ce", head="linear")
+    assert main([str(tmp_path), "--out", str(tmp_path / "o"), "--pick", "ce (linear head)=cRT",
+                 "ce (linear head)=cosine"]) == 0
+    methods = json.loads((tmp_path / "o" / "comparison.json").read_text())["methods"]
+    assert [m["stage2"] for m in methods] == ["cRT", "cosine"]
+    assert main([str(tmp_path), "--out", str(tmp_path / "o"), "--pick", "ce=cRT"]) == 2
+    assert "no such STAGE1=CLASSIFIER row" in capsys.readouterr().err

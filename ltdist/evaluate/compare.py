@@ -116,6 +116,20 @@ def compare_runs(runs: Sequence[RunInfo], classifiers: Sequence[str] | None = No
     return rows
 
 
+def pick_rows(rows: Sequence[dict], picks: Sequence[str]) -> list[dict]:
+    """The rows named by ``picks`` ("<stage-1 label>=<stage-2 classifier>"), in that order; an unknown pick
+    is an error that lists what exists. For a short table of chosen (objective, classifier) pairs."""
+    by_key = {(r["stage1"], r["stage2"]): r for r in rows}
+    chosen = []
+    for pick in picks:
+        stage1, sep, stage2 = pick.partition("=")
+        if not sep or (stage1, stage2) not in by_key:
+            known = sorted({r["stage1"] for r in rows})
+            raise ValueError(f"--pick {pick!r}: no such STAGE1=CLASSIFIER row; stage-1 labels: {known}")
+        chosen.append(by_key[(stage1, stage2)])
+    return chosen
+
+
 def format_comparison(rows: Sequence[dict]) -> str:
     """Markdown: Stage-1 objective | Stage-2 classifier | Many | Medium | Few | All (mean ± std, %) | Seeds."""
     lines = ["| Stage-1 objective | Stage-2 classifier | " + " | ".join(COLUMN_TITLES[c] for c in COLUMNS)
@@ -166,11 +180,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="run directories, or directories above them")
     parser.add_argument("--out", type=Path, help="where the comparison files go (default: <first RUN_DIR>/comparison)")
     parser.add_argument("--classifiers", help="comma-separated report rows to keep (default: all), e.g. cRT,LWS")
+    parser.add_argument("--pick", nargs="+", metavar="STAGE1=CLASSIFIER",
+                        help="only these (stage-1 label, report row) pairs, in this order, e.g. "
+                             "'ce (linear head)=cRT'")
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.runs)
         keep = args.classifiers.split(",") if args.classifiers else None
         rows = compare_runs(runs, keep)
+        if args.pick:
+            rows = pick_rows(rows, args.pick)
     except (FileNotFoundError, ValueError) as exc:
         print(f"ltdist compare: {exc}", file=sys.stderr)
         return 2
