@@ -3,33 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
 
-from ltdist.distributed import init_distributed, shutdown_distributed
 from ltdist.engine.bench import _ds_step, make_sgd, summarise, timed_rounds
 from ltdist.engine.ds_config import build_deepspeed_config, plan_batches, skip_single_rank_allreduce
-from ltdist.engine.ds_ops import isolate_torch_extensions
-
-
-@pytest.fixture(scope="module")
-def env():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    isolate_torch_extensions()  # DeepSpeed's op from the prebuilt copy, not built again in the user's cache
-    yield init_distributed("cpu")
-    shutdown_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def test_rounds_rotate_and_ratios_are_paired_per_round():

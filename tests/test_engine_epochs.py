@@ -2,15 +2,12 @@
 epoch end resumes to the same weights. The stream is a small in-memory one with the TrainStream protocol
 (the 2-rank tests on real shards never reach an epoch end within the test budget)."""
 
-import os
-import socket
 from dataclasses import dataclass
 
 import pytest
 import torch
 
 from ltdist.config.load import load_config
-from ltdist.distributed import init_distributed, shutdown_distributed
 from ltdist.engine.trainer import Trainer
 from ltdist.preemption import Preempted, install_preemption_handler, request_preemption
 
@@ -49,22 +46,6 @@ class MemoryStream:
             i = order[self.done * self.batch:(self.done + 1) * self.batch]
             self.done += 1
             yield Batch(self.images[i], self.labels[i], [str(int(k)) for k in i])
-
-
-@pytest.fixture(scope="module")
-def env():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    yield init_distributed("cpu")
-    shutdown_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 def _trainer(run_dir, env, records, grad_accum, extra=()):
