@@ -15,18 +15,31 @@ from ltdist.engine.ds_ops import isolate_torch_extensions
 
 
 @pytest.fixture(scope="session")
-def env():
-    """This process as rank 0 of a one-rank gloo group (CPU); torch extensions from the prebuilt copy."""
+def _one_rank_group():
+    """The session's one-rank gloo group; the rank variables are set only while it is created."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    variables = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
     isolate_torch_extensions()  # DeepSpeed's op from the prebuilt copy, not built again in the user's cache
-    yield init_distributed("cpu")
+    try:
+        dist_env = init_distributed("cpu")
+    finally:  # later tests start jobs of their own: they must not inherit these ranks
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    yield dist_env, variables
     shutdown_distributed()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+
+
+@pytest.fixture
+def env(_one_rank_group, monkeypatch):
+    """This process as rank 0 of the one-rank gloo group (CPU), with the rank variables set for the test."""
+    dist_env, variables = _one_rank_group
+    for k, v in variables.items():
+        monkeypatch.setenv(k, v)
+    return dist_env
