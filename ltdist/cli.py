@@ -20,6 +20,7 @@ BENCHMARKS = {
     "engine-dist": "ltdist.engine.bench_dist",
     "data": "ltdist.data.bench",
     "mpfa": "ltdist.methods.mpfa_bench",
+    "scale": "ltdist.scale_bench",
 }
 
 USAGE = """usage: ltdist COMMAND [args...]
@@ -36,6 +37,7 @@ commands:
   bench engine-dist  2 ranks: DeepSpeed ZeRO 0/1/2 vs DistributedDataParallel
   bench data     training-stream throughput vs a map-style DataLoader
   bench mpfa     MPFA stage memory and generation throughput on an iNaturalist-shaped bank
+  bench scale    every stage at 1 000 and 8 142 classes (synthetic iNaturalist-shaped data): time and memory
 
 'ltdist COMMAND --help' describes each command."""
 

@@ -73,6 +73,40 @@ def sbatch_script(executor) -> str:
     return executor._executor._make_submission_file_text(executor._executor._submitit_command_str, "dry-run")
 
 
+def derived_settings(cfg: DictConfig, cluster: str) -> str:
+    """What the trainer will derive from the config on ``cluster``: ranks, per-rank micro-batch, effective
+    learning rate, DeepSpeed's batch / ZeRO / precision keys, and steps per epoch when the shards exist."""
+    from ltdist.engine.ds_config import build_deepspeed_config, effective_lr, plan_batches
+
+    t, o = cfg.trainer, cfg.optim
+    nodes = cfg.launch.nodes if cluster == "slurm" else 1
+    world = nodes * cfg.launch.tasks_per_node
+    plan = plan_batches(t.batch_size, world, t.grad_accum)
+    lr = effective_lr(o.lr, plan.global_batch, o.lr_reference_batch, o.lr_scaling)
+    ds = build_deepspeed_config(plan, t.precision, cfg.deepspeed.zero_stage, o.grad_clip,
+                                OmegaConf.to_container(cfg.deepspeed.extra, resolve=True))
+    lines = [f"ranks: {nodes} node(s) × {cfg.launch.tasks_per_node} = {world}"
+             + (f" ({cfg.launch.gpus_per_node} GPUs per node)" if cfg.launch.gpus_per_node else ""),
+             f"batch: {plan.global_batch} global = {plan.micro_batch} per rank × {world} ranks × "
+             f"{plan.grad_accum} accumulation step(s)",
+             f"learning rate: {lr:g} = {o.lr:g} at batch {o.lr_reference_batch}, {o.lr_scaling} scaling to "
+             f"{plan.global_batch}; {o.schedule} schedule, {o.warmup_epochs:g} warm-up epoch(s)",
+             "deepspeed: " + ", ".join(f"{k}={ds[k]}" for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                                              "gradient_accumulation_steps", "zero_optimization"))
+             + f", precision {t.precision}"]
+    index_path = Path(cfg.data.shards) / "index.json"
+    if index_path.is_file():
+        from ltdist.data import read_index
+
+        index = read_index(index_path)
+        steps = sum(index.train_counts) // plan.global_batch
+        lines.append(f"data: {index.num_classes} classes, {sum(index.train_counts)} train images → {steps} steps "
+                     f"per epoch, {steps * t.epochs} in {t.epochs} epochs")
+    else:
+        lines.append(f"data: {index_path} not found here (steps per epoch are counted from it at run time)")
+    return "\n".join(f"# {line}" for line in lines)
+
+
 def _write_config(cfg: DictConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
@@ -169,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         print("# resolved config")
         print(config_to_yaml(cfg))
         print(f"# run directory: {run_dir}")
+        try:
+            print(derived_settings(cfg, args.cluster))
+        except ValueError as exc:  # a batch that does not divide over the ranks
+            print(f"ltdist launch: {exc}", file=sys.stderr)
+            return 2
         if args.cluster == "slurm":
             print("# sbatch script")
             print(sbatch_script(build_executor("slurm", cfg, log_dir)))

@@ -7,12 +7,12 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from ltdist.data.formats import cifar, fashion_mnist, imagefolder, inat2018, listfile
+from ltdist.data.formats import cifar, fashion_mnist, imagefolder, inat2018, listfile, synthetic
 from ltdist.data.writer import SourceSample, write_shards
 
-FORMATS = ("fashion-mnist", "imagefolder", "list", "inat2018", "cifar")
-# Formats whose val split is held out of the source by their reader (left-over images of the long-tail cut).
-HOLDS_OUT_VAL = ("fashion-mnist", "cifar")
+FORMATS = ("fashion-mnist", "imagefolder", "list", "inat2018", "cifar", "synthetic")
+# Formats whose reader makes the val split itself (left-over images of the long-tail cut, or generated).
+HOLDS_OUT_VAL = ("fashion-mnist", "cifar", "synthetic")
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,11 @@ def carve_val(train: list[SourceSample], val_per_class: int, seed: int
 
 def load_source(
     fmt: str, src: str, *, profile: str = "exp", imbalance: float = 1000.0, val_per_class: int = 20,
-    seed: int = 0, split_files: dict[str, str] | None = None,
+    seed: int = 0, split_files: dict[str, str] | None = None, synthetic_classes: int = synthetic.INAT_CLASSES,
+    test_per_class: int = 3, image_size: int = 32, train_images: int = 0,
 ) -> tuple[list[str], dict[str, list[SourceSample]]]:
-    """Class names and per-split samples of a raw dataset in format ``fmt``."""
+    """Class names and per-split samples of a raw dataset in format ``fmt`` (``synthetic_classes``,
+    ``test_per_class``, ``image_size`` and ``train_images`` are the synthetic source's)."""
     if fmt == "fashion-mnist":
         return fashion_mnist.load(src, profile=profile, imbalance=imbalance, val_per_class=val_per_class,
                                   seed=seed)
@@ -59,6 +61,10 @@ def load_source(
         return listfile.load(src, split_files or {})
     if fmt == "inat2018":
         return inat2018.load(src, split_files or {})
+    if fmt == "synthetic":
+        return synthetic.load(classes=synthetic_classes, imbalance=imbalance, val_per_class=val_per_class,
+                              test_per_class=test_per_class, image_size=image_size, seed=seed,
+                              train_images=train_images)
     raise ValueError(f"unknown shard format {fmt!r}; one of {', '.join(FORMATS)}")
 
 
@@ -66,6 +72,8 @@ def build_shards(
     fmt: str, src: str, out: Path, *, profile: str = "exp", imbalance: float = 1000.0, val_per_class: int = 20,
     seed: int = 0, split_files: dict[str, str] | None = None, shard_size: int = 1000, workers: int = 1,
     resize_short: int = 0, progress: bool = True, min_train_shards: int = 1,
+    synthetic_classes: int = synthetic.INAT_CLASSES, test_per_class: int = 3, image_size: int = 32,
+    train_images: int = 0,
 ) -> Path:
     """Convert a raw dataset into ``out/{split}-*.tar`` + ``out/index.json``; return the index path.
 
@@ -73,9 +81,13 @@ def build_shards(
     stream deals whole train shards to ranks × loader workers, so a small data set needs small shards.
     """
     classes, splits = load_source(fmt, src, profile=profile, imbalance=imbalance, val_per_class=val_per_class,
-                                  seed=seed, split_files=split_files)
+                                  seed=seed, split_files=split_files, synthetic_classes=synthetic_classes,
+                                  test_per_class=test_per_class, image_size=image_size, train_images=train_images)
     build = {"format": fmt, "src": src, "seed": seed, "resize_short": resize_short}
-    if fmt in HOLDS_OUT_VAL:
+    if fmt == "synthetic":
+        build.update(imbalance=imbalance, val_per_class=val_per_class, classes=synthetic_classes,
+                     test_per_class=test_per_class, image_size=image_size, train_images=len(splits["train"]))
+    elif fmt in HOLDS_OUT_VAL:
         build.update(profile=profile, imbalance=imbalance, val_per_class=val_per_class)
     elif "val" not in splits and val_per_class > 0:
         # The common layout (train/ and test/ only): without this the train stage had no val split.

@@ -38,6 +38,9 @@ def ensure_shards(cfg_data: DictConfig) -> Path:
             if fmt in ("list", "inat2018"):
                 raise FileNotFoundError(f"no {path}; build {fmt} shards first with `ltdist shards {fmt} "
                                         f"--src ... --split-file train=... --out {out}`")
+            if fmt == "synthetic":
+                raise FileNotFoundError(f"no {path}; build synthetic shards first with `ltdist shards synthetic "
+                                        f"--classes N --out {out}`")
             log.info("building %s shards in %s", fmt, out)
             build_shards(fmt, cfg_data.src, out, profile=cfg_data.profile, imbalance=float(cfg_data.imbalance),
                          val_per_class=int(cfg_data.val_per_class), seed=BUILD_SEED, shard_size=SHARD_SIZE,

@@ -15,6 +15,7 @@ import multiprocessing as mp
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import webdataset as wds
@@ -27,14 +28,23 @@ from ltdist.engine.progress import Heartbeat
 log = logging.getLogger(__name__)
 
 
+class RenderedImage(Protocol):
+    """A payload that makes its own image bytes in the writer process (a synthetic source)."""
+
+    def encode(self) -> tuple[bytes, str]:
+        """(image bytes, extension "jpg" | "png")."""
+        ...
+
+
 @dataclass(frozen=True)
 class SourceSample:
-    """One sample to write: ``payload`` is a file path (bytes kept as they are) or a uint8 array
-    [H, W] / [H, W, 3] (encoded losslessly as PNG). Keys must be unique and contain no dots."""
+    """One sample to write: ``payload`` is a file path (bytes kept as they are), a uint8 array
+    [H, W] / [H, W, 3] (encoded losslessly as PNG) or a :class:`RenderedImage` (its bytes as they
+    are). Keys must be unique and contain no dots."""
 
     key: str
     label: int
-    payload: str | np.ndarray
+    payload: str | np.ndarray | RenderedImage
 
 
 def _image_ext(data: bytes) -> str | None:
@@ -74,6 +84,8 @@ def _resized(data: bytes, ext: str | None, resize_short: int) -> tuple[bytes, st
 def _load(sample: SourceSample, resize_short: int) -> tuple[bytes, str]:
     if isinstance(sample.payload, np.ndarray):
         return _encode_png(sample.payload), "png"
+    if not isinstance(sample.payload, str):
+        return sample.payload.encode()
     data = Path(sample.payload).read_bytes()
     ext = _image_ext(data)
     if resize_short or ext is None:  # other formats (webp, bmp, ...) are stored as PNG

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ltdist.data.formats.longtail import counts_with_total
 from ltdist.methods.mpfa import (
     AugmentationPlan,
     build_bank,
@@ -39,25 +40,6 @@ from ltdist.methods.mpfa import (
 from ltdist.methods.mpfa_retrain import RetrainClassifier, RetrainSettings, make_optimizer, train_step
 
 GIB = 2**30
-
-
-def pareto_counts(classes: int, total: int, n_max: int, n_min: int) -> torch.Tensor:
-    """[C] int64 counts n_k = n_max (1 + k/k0)^(−q), n_0 = n_max, n_{C−1} = n_min, Σ n_k = total."""
-    k = torch.arange(classes, dtype=torch.float64)
-
-    def profile(q: float) -> torch.Tensor:
-        k0 = (classes - 1) / ((n_max / n_min) ** (1 / q) - 1)
-        return (n_max * (1 + k / k0) ** (-q)).round().clamp(min=n_min)
-
-    lo, hi = 1e-3, 50.0
-    for _ in range(100):  # the total grows with q
-        q = (lo + hi) / 2
-        lo, hi = (lo, q) if profile(q).sum() > total else (q, hi)
-    counts = profile(lo).long()
-    residual = total - int(counts.sum())  # < C after the bisection: ±1 on the middle classes
-    middle = torch.arange(classes // 4, classes // 4 + abs(residual))
-    counts[middle] += 1 if residual > 0 else -1
-    return counts
 
 
 def rss_gib() -> tuple[float, float]:
@@ -129,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "threads": torch.get_num_threads()}
     result["rss_start_gib"] = rss_gib()[0]
 
-    counts = pareto_counts(args.classes, args.total, 1000, 2)
+    counts = torch.tensor(counts_with_total(args.classes, args.total, 1000, 2))
     raw, labels = synthetic_features(counts, args.dim, args.seed)
     result["bank_gib"] = raw.numel() * 4 / GIB
     result["rss_after_features_gib"] = rss_gib()[0]
