@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import submitit
+from data_fixtures import fmnist_lt  # noqa: F401
 
 from ltdist.cli import main as cli_main
 from ltdist.config import load_config
+from ltdist.data import read_index
 from ltdist.job import Job
 from ltdist.launch import main as launch_main
 
@@ -51,6 +53,40 @@ def test_dry_run_prints_config_and_sbatch_lines(tmp_path, capsys):
     assert "partition: gpu" in out and "batch_size: 64" in out  # the resolved config is printed too
     assert str(root / "dry" / "r1") in out
     assert not root.exists(), "--dry-run must not create the run directory"
+
+
+def test_inat2018_preset_dry_run_on_two_nodes_of_eight_gpus(tmp_path, capsys):
+    """The iNaturalist preset resolves for 2 × 8 GPUs with the batch, learning rate and sbatch lines it says."""
+    code = launch_main(["--cluster", "slurm", "--dry-run", "--config", str(REPO / "configs/experiment/inat2018.yaml"),
+                        f"output.root={tmp_path}", f"data.shards={tmp_path / 'no_shards'}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12", "--mem=480GB",
+                 "--time=2880"):
+        assert f"#SBATCH {line}" in out, f"missing #SBATCH {line}"
+    assert "# ranks: 2 node(s) × 8 = 16 (8 GPUs per node)" in out
+    assert "# batch: 1024 global = 64 per rank × 16 ranks × 1 accumulation step(s)" in out
+    assert "# learning rate: 0.4 = 0.4 at batch 1024, linear scaling to 1024" in out
+    assert "zero_optimization={'stage': 2" in out and "precision bf16" in out
+    assert "arch: resnet50" in out and "image_size: 224" in out
+
+
+def test_dry_run_counts_steps_from_existing_shards(fmnist_lt, tmp_path, capsys):  # noqa: F811
+    code = launch_main(["--cluster", "local", "--dry-run", f"data.shards={fmnist_lt.parent}",
+                        f"output.root={tmp_path}", "launch.tasks_per_node=2", "trainer.batch_size=128",
+                        "optim.lr=0.1", "optim.lr_reference_batch=256", "optim.lr_scaling=sqrt"])
+    out = capsys.readouterr().out
+    assert code == 0
+    steps = sum(read_index(fmnist_lt).train_counts) // 128
+    assert f"# data: 10 classes, {sum(read_index(fmnist_lt).train_counts)} train images → {steps} steps" in out
+    assert "# batch: 128 global = 64 per rank × 2 ranks" in out
+    assert f"# learning rate: {0.1 * 0.5 ** 0.5:g} = 0.1 at batch 256, sqrt scaling" in out
+
+
+def test_dry_run_refuses_a_batch_that_does_not_divide(tmp_path, capsys):
+    code = launch_main(["--cluster", "slurm", "--dry-run", f"output.root={tmp_path}", "launch.nodes=2",
+                        "launch.tasks_per_node=3", "trainer.batch_size=100"])
+    assert code == 2 and "not divisible" in capsys.readouterr().err
 
 
 def test_local_doctor_two_ranks(tmp_path):
