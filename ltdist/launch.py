@@ -203,11 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print("# resolved config")
         print(config_to_yaml(cfg))
         print(f"# run directory: {run_dir}")
-        try:
-            print(derived_settings(cfg, args.cluster))
-        except ValueError as exc:  # a batch that does not divide over the ranks
-            print(f"ltdist launch: {exc}", file=sys.stderr)
-            return 2
+        print(derived_settings(cfg, args.cluster))
         if args.cluster == "slurm":
             print("# sbatch script")
             print(sbatch_script(build_executor("slurm", cfg, log_dir)))
