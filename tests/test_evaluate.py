@@ -1,6 +1,7 @@
 """Long-tail evaluation: group boundaries, accuracy per class / group, report files and plots."""
 
 import json
+import math
 import statistics
 
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 from ltdist.evaluate import (
     TableSection,
+    binned_accuracy,
     class_groups,
+    count_bins,
     group_accuracy,
     per_class_accuracy,
     plot_group_bars,
@@ -110,3 +113,25 @@ def test_aggregate_mean_and_std_over_runs(tmp_path):
     other.write_text(json.dumps({"dataset": "other", "groups": {}, "classifiers": {}}))
     with pytest.raises(ValueError, match="cannot average"):
         aggregate_reports([paths[0], other])
+
+
+def test_count_bins_partition_the_classes_at_powers_of_two():
+    counts = [0, 1, 2, 3, 4, 7, 8, 40, 1000, 5, 0]
+    bins = count_bins(counts)
+    # 16–31 holds no class: it joins the next bin (16–63, n = 40); so do 64–127, …, 256–511 (64–1000).
+    assert [(b.lo, b.hi, b.classes) for b in bins] == [
+        (0, 0, [0, 10]), (1, 1, [1]), (2, 3, [2, 3]), (4, 7, [4, 5, 9]), (8, 15, [6]), (16, 63, [7]),
+        (64, 1000, [8])]
+    assert [(b.lo, b.hi) for b in count_bins(range(2, 1001))][::8] == [(2, 3), (512, 1000)]  # iNat-2018's range
+    assert count_bins([5, 5]) == [(5, 5, [0, 1])] and count_bins([]) == []
+    with pytest.raises(ValueError, match="non-negative"):
+        count_bins([3, -1])
+
+
+def test_binned_accuracy_leaves_untested_classes_out():
+    nan = float("nan")
+    bins = count_bins([1, 1, 1, 2, 2])
+    mean, std = binned_accuracy([0.2, nan, 0.6, nan, nan], bins)
+    assert mean[0] == pytest.approx(0.4) and std[0] == pytest.approx(0.2)  # population std of {0.2, 0.6}
+    assert math.isnan(mean[1]) and math.isnan(std[1])  # no tested class in the bin
+
