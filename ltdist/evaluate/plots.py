@@ -16,6 +16,33 @@ from ltdist.evaluate.groups import GROUPS
 _BAND_COLOURS = {"few": "#f4cccc", "medium": "#fff2cc", "many": "#d9ead3"}
 
 
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)  # pyplot keeps every open figure alive otherwise
+    return path
+
+
+def _count_axes(ax: plt.Axes, lo: float, hi: float, many_threshold: int, few_threshold: int) -> None:
+    """Log training-count x axis from lo to hi, top-1 (%) y axis, and the group bands; call before drawing
+    the data, so the legend lists the bands first.
+
+    Bands: few-shot n < few_threshold, medium-shot up to many_threshold, many-shot above.
+    """
+    bands = {"few": (lo, few_threshold), "medium": (few_threshold, many_threshold),
+             "many": (many_threshold, hi)}
+    for name in GROUPS:
+        start, end = max(bands[name][0], lo), min(bands[name][1], hi)
+        if start < end:
+            ax.axvspan(start, end, color=_BAND_COLOURS[name], alpha=0.6, lw=0, label=f"{name}-shot")
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("training samples of the class")
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3)
+
+
 def plot_per_class_accuracy(path: Path, train_counts: Sequence[int], per_class: dict[str, Sequence[float]],
                             many_threshold: int, few_threshold: int) -> Path:
     """Per-class top-1 (%) against training count (log axis) with the group bands (paper 1 Fig. 2 style).
@@ -25,28 +52,13 @@ def plot_per_class_accuracy(path: Path, train_counts: Sequence[int], per_class: 
     counts = np.asarray(train_counts, dtype=float)
     shown = np.maximum(counts, 1)  # a class never trained on sits at 1 on the log axis
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    lo, hi = shown.min() / 1.5, shown.max() * 1.5
-    bands = {"few": (lo, few_threshold), "medium": (few_threshold, many_threshold),
-             "many": (many_threshold, hi)}
-    for name in GROUPS:
-        start, end = max(bands[name][0], lo), min(bands[name][1], hi)
-        if start < end:
-            ax.axvspan(start, end, color=_BAND_COLOURS[name], alpha=0.6, lw=0, label=f"{name}-shot")
+    _count_axes(ax, shown.min() / 1.5, shown.max() * 1.5, many_threshold, few_threshold)
     order = np.argsort(shown)
     for name, values in per_class.items():
         ax.plot(shown[order], 100 * np.asarray(values, dtype=float)[order], marker="o", ms=4, label=name)
-    ax.set_xscale("log")
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(0, 100)
-    ax.set_xlabel("training samples of the class")
-    ax.set_ylabel("test top-1 (%)")
     ax.legend(fontsize=7, ncol=2, loc="lower right")
-    ax.grid(alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_group_bars(path: Path, results: dict[str, dict[str, float | None]]) -> Path:
@@ -66,10 +78,7 @@ def plot_group_bars(path: Path, results: dict[str, dict[str, float | None]]) -> 
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))  # below: bars stay visible
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_comparison(path: Path, stage1: Sequence[str], stage2: Sequence[str],
@@ -103,7 +112,4 @@ def plot_comparison(path: Path, stage1: Sequence[str], stage2: Sequence[str],
     fig.legend(handles, objectives, loc="upper center", ncol=min(len(objectives), 4), fontsize=8,
                title=title or None, bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the legend above the panels
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
