@@ -67,7 +67,8 @@ def plot_binned_accuracy(path: Path, train_counts: Sequence[int], per_class: dic
     """Mean per-class top-1 (%) of each training-count bin with a ± 1 std band, against count (log axis).
 
     Bins as :func:`ltdist.evaluate.bins.count_bins`, each drawn at the geometric centre of its count range;
-    untested classes are left out of the mean. Group bands as :func:`plot_per_class_accuracy`.
+    untested classes are left out of the mean. Group bands as :func:`plot_per_class_accuracy`. The bands of
+    more than about 4 classifiers cover each other: the caller picks them.
     """
     bins = count_bins(train_counts)
     floor = lambda n: max(n, 0.5)  # n = 0 has no place on a log axis: it is drawn at 0.5
@@ -78,7 +79,7 @@ def plot_binned_accuracy(path: Path, train_counts: Sequence[int], per_class: dic
         mean, std = binned_accuracy(values, bins)
         ax.plot(centres, 100 * mean, marker="o", ms=4, label=name, color=f"C{i % 10}")
         ax.fill_between(centres, 100 * np.clip(mean - std, 0, 1), 100 * np.clip(mean + std, 0, 1),
-                        color=f"C{i % 10}", alpha=0.15, lw=0)
+                        color=f"C{i % 10}", alpha=0.12, lw=0)
     ax.set_title(f"{len(train_counts)} classes in {len(bins)} training-count bins: mean ± std over a bin's "
                  f"classes", fontsize=9)
     ax.legend(fontsize=7, ncol=2, loc="lower right")

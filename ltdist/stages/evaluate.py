@@ -190,14 +190,16 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
     shown = [n for n in (*(classifier_names(kt)[0][:3] if kt is not None else ()), "ensemble",
                          "continual ensemble", *(n for r in sets.values() for n in (*r.rows, *r.ensembles)))
              if n in per_class][:8]
-    binned = num_classes > per_class_rows_max
-    plot_counts = plot_binned_accuracy if binned else plot_per_class_accuracy
-    plots = [plot_counts(plot_dir / "per_class_accuracy.png", train_counts, {n: per_class[n] for n in shown},
-                         many_threshold, few_threshold),
-             plot_group_bars(plot_dir / "group_accuracy.png", results)]
-    if binned:  # more overlaid step lines than 4 cannot be told apart
-        plots.append(plot_accuracy_histogram(plot_dir / "accuracy_histogram.png", groups,
-                                             {n: per_class[n] for n in shown[:4]}))
+    if num_classes > per_class_rows_max:
+        main = {n: per_class[n] for n in shown[:4]}  # more overlaid spread bands or step lines blur into one
+        plots = [plot_binned_accuracy(plot_dir / "per_class_accuracy.png", train_counts, main, many_threshold,
+                                      few_threshold),
+                 plot_group_bars(plot_dir / "group_accuracy.png", results),
+                 plot_accuracy_histogram(plot_dir / "accuracy_histogram.png", groups, main)]
+    else:
+        plots = [plot_per_class_accuracy(plot_dir / "per_class_accuracy.png", train_counts,
+                                         {n: per_class[n] for n in shown}, many_threshold, few_threshold),
+                 plot_group_bars(plot_dir / "group_accuracy.png", results)]
     path = write_report(out_dir, dataset=dataset, groups=groups, results=results, per_class=per_class,
                         train_counts=train_counts, tables=tables, notes=notes, plots=plots, labels=row_labels,
                         per_class_rows_max=per_class_rows_max)
