@@ -43,6 +43,7 @@ BAD_CONFIGS = [
     (["stages=[doctor,trian]"], "stages", "unknown stage 'trian'"),
     (["data.exclude_from_training=rare"], "data.exclude_from_training", "'few'"),
     (["evaluate.few_threshold=200"], "evaluate.few_threshold", "≤ evaluate.many_threshold"),
+    (["evaluate.per_class_rows_max=-1"], "evaluate.per_class_rows_max", "≥ 0"),
     (["launch.gpus_per_node=4", "launch.tasks_per_node=2", "trainer.batch_size=64"], "launch.tasks_per_node",
      "one rank per GPU"),
     (["launch.time_min=0"], "launch.time_min", "≥ 1"),

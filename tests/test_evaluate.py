@@ -1,14 +1,22 @@
 """Long-tail evaluation: group boundaries, accuracy per class / group, report files and plots."""
 
+import csv
+import itertools
 import json
+import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from stage_fixtures import make_run_dir, stage_context
 
 from ltdist.evaluate import (
     TableSection,
+    binned_accuracy,
     class_groups,
+    count_bins,
     group_accuracy,
     per_class_accuracy,
     plot_group_bars,
@@ -16,6 +24,10 @@ from ltdist.evaluate import (
     write_report,
 )
 from ltdist.evaluate.aggregate import aggregate_reports, format_mean_std_table
+from ltdist.methods.classifier_set import ClassifierSet, LinearScorer
+from ltdist.stages import evaluate as evaluate_stage
+from ltdist.stages import kt as kt_stage
+from ltdist.stages.evaluate import evaluate_run
 
 
 def test_group_assignment_at_threshold_boundaries():
@@ -110,3 +122,118 @@ def test_aggregate_mean_and_std_over_runs(tmp_path):
     other.write_text(json.dumps({"dataset": "other", "groups": {}, "classifiers": {}}))
     with pytest.raises(ValueError, match="cannot average"):
         aggregate_reports([paths[0], other])
+
+
+def test_count_bins_partition_the_classes_at_powers_of_two():
+    counts = [0, 1, 2, 3, 4, 7, 8, 40, 1000, 5, 0]
+    bins = count_bins(counts)
+    # 16–31 holds no class: it joins the next bin (16–63, n = 40); so do 64–127, …, 256–511 (64–1000).
+    assert [(b.lo, b.hi, b.classes) for b in bins] == [
+        (0, 0, [0, 10]), (1, 1, [1]), (2, 3, [2, 3]), (4, 7, [4, 5, 9]), (8, 15, [6]), (16, 63, [7]),
+        (64, 1000, [8])]
+    assert [(b.lo, b.hi) for b in count_bins(range(2, 1001))][::8] == [(2, 3), (512, 1000)]  # iNat-2018's range
+    assert count_bins([5, 5]) == [(5, 5, [0, 1])] and count_bins([]) == []
+    with pytest.raises(ValueError, match="non-negative"):
+        count_bins([3, -1])
+
+
+def test_binned_accuracy_leaves_untested_classes_out():
+    nan = float("nan")
+    bins = count_bins([1, 1, 1, 2, 2])
+    mean, std = binned_accuracy([0.2, nan, 0.6, nan, nan], bins)
+    assert mean[0] == pytest.approx(0.4) and std[0] == pytest.approx(0.2)  # population std of {0.2, 0.6}
+    assert math.isnan(mean[1]) and math.isnan(std[1])  # no tested class in the bin
+
+
+def _synthetic_run(tmp_path, train_counts: list[int], test_counts: list[int], per_class_rows_max: int = 50):
+    """evaluate_run on constructed features and two fixed linear classifiers (no training).
+
+    "cosine" scores against the class centres; "biased" adds log(n + 1) to the scores, as a head trained on
+    the long tail would, so its accuracy rises with the training count.
+    """
+    gen = torch.Generator().manual_seed(0)
+    num_classes = len(train_counts)
+    centres = F.normalize(torch.randn(num_classes, 32, generator=gen), dim=1)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(test_counts)])
+    test = {"features": 3 * centres[labels] + torch.randn(len(labels), 32, generator=gen), "labels": labels}
+    log_counts = torch.log(torch.tensor(train_counts, dtype=torch.float32) + 1)
+    sets = {"toy": ClassifierSet("toy", {"cosine": LinearScorer("cosine", centres, scale=16.0),
+                                         "biased": LinearScorer("linear", 3 * centres, bias=log_counts)})}
+    md_path, _ = evaluate_run(None, sets, test, train_counts, dataset="toy", out_dir=tmp_path, many_threshold=100,
+                              few_threshold=20, per_class_rows_max=per_class_rows_max)
+    return md_path, json.loads((tmp_path / "report.json").read_text())
+
+
+def test_report_at_2000_classes_is_binned_by_training_count(tmp_path):
+    num_classes = 2000
+    counts = [round(1000 * (2 / 1000) ** (c / (num_classes - 2))) for c in range(num_classes - 1)] + [0]
+    # Some classes are untested, among them the last, the only one never trained on.
+    test_counts = [0 if c % 97 == 0 or c == num_classes - 1 else 3 for c in range(num_classes)]
+    md_path, report = _synthetic_run(tmp_path, counts, test_counts)
+
+    md = md_path.read_text()
+    assert len(md.splitlines()) < 200
+    assert "| Class | Train count | Group |" not in md  # no per-class rows
+    assert "| Train count | Classes | cosine | biased |" in md
+    assert "`per_class_accuracy.json` and `per_class_accuracy.csv`" in md
+
+    assert set(report) == {"dataset", "groups", "classifiers", "count_bins"}
+    bins = report["count_bins"]
+    assert [b["lo"] for b in bins] == sorted(b["lo"] for b in bins)
+    assert all(b["lo"] <= b["hi"] < later["lo"] for b, later in itertools.pairwise(bins))  # ordered, disjoint
+    n = np.array(counts)
+    members = [np.flatnonzero((n >= b["lo"]) & (n <= b["hi"])) for b in bins]
+    assert [len(m) for m in members] == [b["classes"] for b in bins] and all(b["classes"] > 0 for b in bins)
+    assert sum(b["classes"] for b in bins) == num_classes  # with the ranges disjoint: each class once
+
+    per_class = json.loads((tmp_path / "per_class_accuracy.json").read_text())["classifiers"]
+    for name in ("cosine", "biased"):
+        accuracy = np.array([np.nan if v is None else v for v in per_class[name]])
+        for b, m in zip(bins, members):
+            tested = accuracy[m][~np.isnan(accuracy[m])]
+            if tested.size:
+                assert b["mean"][name] == pytest.approx(tested.mean())
+                assert b["std"][name] == pytest.approx(tested.std())
+            else:
+                assert b["mean"][name] is None and b["std"][name] is None
+    last = bins[-1]
+    assert (f"| {last['lo']}–{last['hi']} | {last['classes']} | {100 * last['mean']['cosine']:.1f} ± "
+            f"{100 * last['std']['cosine']:.1f} |") in md
+    assert bins[0] == {"lo": 0, "hi": 0, "classes": 1, "mean": {"cosine": None, "biased": None},
+                       "std": {"cosine": None, "biased": None}}  # class 1999: n = 0 and untested
+
+    with (tmp_path / "per_class_accuracy.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == num_classes
+    assert list(rows[0]) == ["class", "train_count", "group", "cosine", "biased"]
+    group_of = {c: g for g, ids in report["groups"].items() for c in ids}
+    for c, row in enumerate(rows):
+        assert (int(row["class"]), int(row["train_count"]), row["group"]) == (c, counts[c], group_of[c])
+        for name in ("cosine", "biased"):
+            assert (None if row[name] == "" else float(row[name])) == per_class[name][c]
+
+    for png in ("per_class_accuracy", "group_accuracy", "accuracy_histogram"):
+        assert (tmp_path / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{png}.png" in md
+
+
+def test_report_at_10_classes_keeps_a_row_per_class(tmp_path):
+    counts = [500, 300, 150, 101, 100, 60, 20, 19, 5, 0]
+    md_path, report = _synthetic_run(tmp_path, counts, [20] * 10)
+    md = md_path.read_text()
+    assert "| Class | Train count | Group | cosine | biased |" in md
+    assert "| 9 | 0 | few |" in md and "by training count" not in md
+    assert set(report) == {"dataset", "groups", "classifiers"}
+    assert not (tmp_path / "plots" / "accuracy_histogram.png").exists()
+    with (tmp_path / "per_class_accuracy.csv").open(newline="") as f:
+        assert len(list(csv.DictReader(f))) == 10  # the CSV is written at any C
+
+
+def test_stage_takes_the_row_limit_from_the_config(tmp_path):
+    run_dir = make_run_dir(tmp_path)  # 6 classes
+    ctx = stage_context(run_dir, "stages=[kt,evaluate]", "evaluate.per_class_rows_max=5")
+    kt_stage.run(ctx)
+    evaluate_stage.run(ctx)
+    assert "## Per-class top-1 (%) by training count" in (run_dir / "report.md").read_text()
+    assert "count_bins" in json.loads((run_dir / "report.json").read_text())
+    assert (run_dir / "plots" / "accuracy_histogram.png").is_file()

@@ -183,6 +183,9 @@ class MethodConfig:
 class EvaluateConfig:
     many_threshold: int = 100  # many-shot: n > many_threshold
     few_threshold: int = 20  # few-shot: n < few_threshold; medium otherwise
+    # Most classes report.md lists one row each (and plots one point each); with more, it shows classes
+    # binned by training count instead. per_class_accuracy.json / .csv always hold every class.
+    per_class_rows_max: int = 50
 
 
 @dataclass

@@ -174,6 +174,7 @@ def validate_config(cfg: DictConfig) -> None:
 
     check("evaluate.many_threshold", non_negative, "must be ≥ 0")
     check("evaluate.few_threshold", non_negative, "must be ≥ 0")
+    check("evaluate.per_class_rows_max", non_negative, "must be ≥ 0 (0: always bin the classes)")
     if cfg.evaluate.few_threshold > cfg.evaluate.many_threshold:
         problems.append(f"evaluate.few_threshold: must be ≤ evaluate.many_threshold "
                         f"({cfg.evaluate.few_threshold} > {cfg.evaluate.many_threshold})")

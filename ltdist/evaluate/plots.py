@@ -11,42 +11,104 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ltdist.evaluate.bins import binned_accuracy, count_bins
 from ltdist.evaluate.groups import GROUPS
 
 _BAND_COLOURS = {"few": "#f4cccc", "medium": "#fff2cc", "many": "#d9ead3"}
 
 
-def plot_per_class_accuracy(path: Path, train_counts: Sequence[int], per_class: dict[str, Sequence[float]],
-                            many_threshold: int, few_threshold: int) -> Path:
-    """Per-class top-1 (%) against training count (log axis) with the group bands (paper 1 Fig. 2 style).
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)  # pyplot keeps every open figure alive otherwise
+    return path
+
+
+def _count_axes(ax: plt.Axes, lo: float, hi: float, many_threshold: int, few_threshold: int) -> None:
+    """Log training-count x axis from lo to hi, top-1 (%) y axis, and the group bands; call before drawing
+    the data, so the legend lists the bands first.
 
     Bands: few-shot n < few_threshold, medium-shot up to many_threshold, many-shot above.
     """
-    counts = np.asarray(train_counts, dtype=float)
-    shown = np.maximum(counts, 1)  # a class never trained on sits at 1 on the log axis
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    lo, hi = shown.min() / 1.5, shown.max() * 1.5
     bands = {"few": (lo, few_threshold), "medium": (few_threshold, many_threshold),
              "many": (many_threshold, hi)}
     for name in GROUPS:
         start, end = max(bands[name][0], lo), min(bands[name][1], hi)
         if start < end:
             ax.axvspan(start, end, color=_BAND_COLOURS[name], alpha=0.6, lw=0, label=f"{name}-shot")
-    order = np.argsort(shown)
-    for name, values in per_class.items():
-        ax.plot(shown[order], 100 * np.asarray(values, dtype=float)[order], marker="o", ms=4, label=name)
     ax.set_xscale("log")
     ax.set_xlim(lo, hi)
     ax.set_ylim(0, 100)
     ax.set_xlabel("training samples of the class")
     ax.set_ylabel("test top-1 (%)")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
     ax.grid(alpha=0.3)
+
+
+def plot_per_class_accuracy(path: Path, train_counts: Sequence[int], per_class: dict[str, Sequence[float]],
+                            many_threshold: int, few_threshold: int) -> Path:
+    """Per-class top-1 (%) against training count (log axis) with the group bands (paper 1 Fig. 2 style).
+
+    One point per class: readable up to a few dozen classes (:func:`plot_binned_accuracy` beyond).
+    """
+    counts = np.asarray(train_counts, dtype=float)
+    shown = np.maximum(counts, 1)  # a class never trained on sits at 1 on the log axis
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _count_axes(ax, shown.min() / 1.5, shown.max() * 1.5, many_threshold, few_threshold)
+    order = np.argsort(shown)
+    for name, values in per_class.items():
+        ax.plot(shown[order], 100 * np.asarray(values, dtype=float)[order], marker="o", ms=4, label=name)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_binned_accuracy(path: Path, train_counts: Sequence[int], per_class: dict[str, Sequence[float]],
+                         many_threshold: int, few_threshold: int) -> Path:
+    """Mean per-class top-1 (%) of each training-count bin with a ± 1 std band, against count (log axis).
+
+    Bins as :func:`ltdist.evaluate.bins.count_bins`, each drawn at the geometric centre of its count range;
+    untested classes are left out of the mean. Group bands as :func:`plot_per_class_accuracy`. The bands of
+    more than about 4 classifiers cover each other: the caller picks them.
+    """
+    bins = count_bins(train_counts)
+    floor = lambda n: max(n, 0.5)  # n = 0 has no place on a log axis: it is drawn at 0.5
+    centres = np.array([np.sqrt(floor(b.lo) * floor(b.hi)) for b in bins])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    _count_axes(ax, floor(bins[0].lo) / 1.5, floor(bins[-1].hi) * 1.5, many_threshold, few_threshold)
+    for i, (name, values) in enumerate(per_class.items()):
+        mean, std = binned_accuracy(values, bins)
+        ax.plot(centres, 100 * mean, marker="o", ms=4, label=name, color=f"C{i % 10}")
+        ax.fill_between(centres, 100 * np.clip(mean - std, 0, 1), 100 * np.clip(mean + std, 0, 1),
+                        color=f"C{i % 10}", alpha=0.12, lw=0)
+    ax.set_title(f"{len(train_counts)} classes in {len(bins)} training-count bins: mean ± std over a bin's "
+                 f"classes", fontsize=9)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_accuracy_histogram(path: Path, groups: dict[str, list[int]], per_class: dict[str, Sequence[float]]) -> Path:
+    """Histogram of per-class top-1 (%) in 5-point bins, one panel per group, a step line per classifier.
+
+    ``per_class``: classifier name → [C] per-class top-1 in [0, 1]; untested classes (NaN) are left out.
+    More than about 4 overlaid classifiers are hard to tell apart: the caller picks them.
+    """
+    edges = np.linspace(0, 100, 21)
+    fig, axes = plt.subplots(1, len(GROUPS), figsize=(13, 4))
+    for ax, group in zip(axes, GROUPS):
+        for i, (name, values) in enumerate(per_class.items()):
+            accuracy = 100 * np.asarray(values, dtype=float)[groups[group]]
+            ax.hist(accuracy[~np.isnan(accuracy)], bins=edges, histtype="step", lw=1.5, label=name,
+                    color=f"C{i % 10}")
+        ax.set_title(f"{group}-shot ({len(groups[group])} classes)", fontsize=10)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("per-class test top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("classes")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=max(len(names), 1), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the legend above the panels
+    return _save(fig, path)
 
 
 def plot_group_bars(path: Path, results: dict[str, dict[str, float | None]]) -> Path:
@@ -66,10 +128,7 @@ def plot_group_bars(path: Path, results: dict[str, dict[str, float | None]]) -> 
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))  # below: bars stay visible
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_comparison(path: Path, stage1: Sequence[str], stage2: Sequence[str],
@@ -103,7 +162,4 @@ def plot_comparison(path: Path, stage1: Sequence[str], stage2: Sequence[str],
     fig.legend(handles, objectives, loc="upper center", ncol=min(len(objectives), 4), fontsize=8,
                title=title or None, bbox_to_anchor=(0.5, 1.0))
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the legend above the panels
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

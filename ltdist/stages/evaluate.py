@@ -5,8 +5,10 @@ the learned classifier (cosine, or the dot-product baseline), prototypes, protot
 w_h(k) for each k, their ensemble (eq. 8) and the continual classifiers w_hc(k) with their ensemble
 (paper 1 Table 2: prototypes and w_hc(k) for every k but the smallest) — and every row of every other
 stage-2 file (:class:`ltdist.methods.classifier_set.ClassifierSet`: crt, tau_norm, mpfa, ...). It
-writes ``report.json``, ``per_class_accuracy.json``, ``report.md`` and ``plots/*.png`` (:mod:`ltdist.evaluate`)
-and prints the tables and the report path.
+writes ``report.json``, ``per_class_accuracy.json`` / ``.csv``, ``report.md`` and ``plots/*.png``
+(:mod:`ltdist.evaluate`) and prints the tables and the report path. With more than
+``evaluate.per_class_rows_max`` classes, report.md and the per-class plot bin the classes by training
+count, and ``plots/accuracy_histogram.png`` shows the spread of per-class top-1 within each group.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from ltdist.evaluate import (
     format_table,
     group_accuracy,
     per_class_accuracy,
+    plot_accuracy_histogram,
+    plot_binned_accuracy,
     plot_group_bars,
     plot_per_class_accuracy,
     write_report,
@@ -142,9 +146,12 @@ def head_classifier_set(run_dir: Path) -> ClassifierSet:
 
 
 def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test: dict, train_counts: list[int], *,
-                 dataset: str, out_dir: Path, many_threshold: int, few_threshold: int,
+                 dataset: str, out_dir: Path, many_threshold: int, few_threshold: int, per_class_rows_max: int,
                  device: torch.device | str = "cpu") -> tuple[Path, str]:
-    """Score every classifier, write the report files and plots into ``out_dir``; return (report.md, tables)."""
+    """Score every classifier, write the report files and plots into ``out_dir``; return (report.md, tables).
+
+    Past ``per_class_rows_max`` classes the per-class table and plot are binned by training count.
+    """
     num_classes = len(train_counts)
     groups = class_groups(train_counts, many_threshold, few_threshold)
     predictions = predict_all(kt, sets, test["features"], device)
@@ -183,11 +190,19 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
     shown = [n for n in (*(classifier_names(kt)[0][:3] if kt is not None else ()), "ensemble",
                          "continual ensemble", *(n for r in sets.values() for n in (*r.rows, *r.ensembles)))
              if n in per_class][:8]
-    plots = [plot_per_class_accuracy(plot_dir / "per_class_accuracy.png", train_counts,
-                                     {n: per_class[n] for n in shown}, many_threshold, few_threshold),
-             plot_group_bars(plot_dir / "group_accuracy.png", results)]
+    if num_classes > per_class_rows_max:
+        main = {n: per_class[n] for n in shown[:4]}  # more overlaid spread bands or step lines blur into one
+        plots = [plot_binned_accuracy(plot_dir / "per_class_accuracy.png", train_counts, main, many_threshold,
+                                      few_threshold),
+                 plot_group_bars(plot_dir / "group_accuracy.png", results),
+                 plot_accuracy_histogram(plot_dir / "accuracy_histogram.png", groups, main)]
+    else:
+        plots = [plot_per_class_accuracy(plot_dir / "per_class_accuracy.png", train_counts,
+                                         {n: per_class[n] for n in shown}, many_threshold, few_threshold),
+                 plot_group_bars(plot_dir / "group_accuracy.png", results)]
     path = write_report(out_dir, dataset=dataset, groups=groups, results=results, per_class=per_class,
-                        train_counts=train_counts, tables=tables, notes=notes, plots=plots, labels=row_labels)
+                        train_counts=train_counts, tables=tables, notes=notes, plots=plots, labels=row_labels,
+                        per_class_rows_max=per_class_rows_max)
     printed = "\n\n".join(f"{title}\n{format_table(results, sections, row_labels)}"
                            for title, sections in tables.items())
     return path, printed
@@ -211,6 +226,7 @@ def run(ctx: StageContext) -> None:
             counts = torch.bincount(load_features(ctx.run_dir, "train")["labels"], minlength=num_classes).tolist()
         path, printed = evaluate_run(kt, sets, test, counts, dataset=cfg.data.name, out_dir=ctx.run_dir,
                                      many_threshold=cfg.evaluate.many_threshold,
-                                     few_threshold=cfg.evaluate.few_threshold, device=ctx.dist.device)
+                                     few_threshold=cfg.evaluate.few_threshold,
+                                     per_class_rows_max=cfg.evaluate.per_class_rows_max, device=ctx.dist.device)
         print(f"{printed}\n\nreport: {path}", flush=True)
     barrier()
