@@ -16,6 +16,7 @@ from ltdist.data import read_index
 from ltdist.data.build import build_shards
 from ltdist.data.formats import synthetic
 from ltdist.data.formats.longtail import counts_with_total
+from ltdist.data.stats import main as stats_main
 from ltdist.data.stats import train_stats
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import kt as kt_stage
@@ -81,6 +82,15 @@ def test_stream_emits_every_class_with_its_frequency(shards_2000):
     assert np.mean((emitted - expected) ** 2 / expected) < 1.0
 
 
+def test_stats_table_bins_thousands_of_classes(shards_2000, capsys):
+    assert stats_main(["--index", str(shards_2000), "--no-decode", "--ranks", "2", "--batch-size", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) < 20 and "never emitted" in lines[0]
+    rows = [line.split() for line in lines[1:] if line.split() and line.split()[0][0].isdigit()]
+    assert sum(int(r[1]) for r in rows) == CLASSES  # every class in one bin
+    assert all(r[-1] == "0" for r in rows)  # none never emitted
+
+
 def test_kt_and_evaluate_with_2000_classes(tmp_path, capsys):
     counts = synthetic.train_counts(CLASSES, 500, train_images=6000)
     run_dir = make_run_dir(tmp_path, splits={"train": counts, "test": [2] * CLASSES})
@@ -97,6 +107,10 @@ def test_kt_and_evaluate_with_2000_classes(tmp_path, capsys):
     accuracy = (direct == test["labels"]).double().mean().item()
     assert report["classifiers"]["prototypes"]["all"] == pytest.approx(accuracy)
     assert accuracy > 0.3  # clustered features, 2000 classes: far above chance (0.05 %)
+    # The report reads at thousands of classes: bins, not 2000 rows; every class's numbers in the JSON / CSV.
+    assert sum(b["classes"] for b in report["count_bins"]) == CLASSES
+    assert len((run_dir / "report.md").read_text().splitlines()) < 200
+    assert len((run_dir / "per_class_accuracy.csv").read_text().splitlines()) == CLASSES + 1
     per_class = json.loads((run_dir / "per_class_accuracy.json").read_text())
     assert len(per_class["classifiers"]["ensemble"]) == CLASSES
     assert torch.tensor(per_class["train_counts"]).tolist() == counts

@@ -17,6 +17,9 @@ from ltdist.data.evaluation import scan_split
 from ltdist.data.index import read_index
 from ltdist.data.sampling import class_probabilities
 from ltdist.data.stream import build_train_stream
+from ltdist.evaluate.bins import count_bins, format_range
+
+PER_CLASS_ROWS_MAX = 50  # more classes than this: the table bins them by training count (--per-class: all)
 
 
 def train_stats(index_path: Path, *, sampling_power: float, epochs: int, ranks: int, workers: int,
@@ -55,6 +58,20 @@ def train_stats(index_path: Path, *, sampling_power: float, epochs: int, ranks: 
     }
 
 
+def print_binned(emitted: list[int], expected: list[float], train_counts: list[int]) -> None:
+    """Emitted vs expected totals per power-of-2 bin of the training count, with the worst class of each bin
+    (|emitted − expected| / √expected, about a Poisson z-score) and its classes never emitted."""
+    print(f"{'train count':>11} {'classes':>8} {'emitted':>10} {'expected':>12} {'worst |z|':>9} {'never emitted':>13}")
+    for b in count_bins(train_counts):
+        e = [emitted[j] for j in b.classes]
+        x = [expected[j] for j in b.classes]
+        worst = max((abs(ej - xj) / xj ** 0.5 for ej, xj in zip(e, x) if xj > 0), default=0.0)
+        never = sum(1 for ej, xj in zip(e, x) if xj > 0 and ej == 0)
+        print(f"{format_range(b.lo, b.hi):>11} {len(b.classes):>8} {sum(e):>10} {sum(x):>12.1f} {worst:>9.2f} "
+              f"{never:>13}")
+    print("(--per-class for one row per class, --json for everything)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ltdist stats", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,6 +90,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--channels", type=int, default=1, choices=(1, 3))
     p.add_argument("--json", action="store_true", help="print JSON (default: a table)")
+    p.add_argument("--per-class", action="store_true",
+                   help=f"one table row per class even above {PER_CLASS_ROWS_MAX} classes (default there: classes "
+                   "binned by training count)")
     return p
 
 
@@ -97,9 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out, indent=1))
         return 0
     expected = out.get("expected_counts", out.get("counts"))
-    print(f"{'class':>5} {'name':<24} {'emitted':>10} {'expected':>12}")
-    for j, name in enumerate(out["classes"]):
-        print(f"{j:>5} {name[:24]:<24} {out['emitted_counts'][j]:>10} {expected[j]:>12.1f}")
+    if len(out["classes"]) > PER_CLASS_ROWS_MAX and not args.per_class:
+        print_binned(out["emitted_counts"], expected, read_index(args.index).train_counts)
+    else:
+        print(f"{'class':>5} {'name':<24} {'emitted':>10} {'expected':>12}")
+        for j, name in enumerate(out["classes"]):
+            print(f"{j:>5} {name[:24]:<24} {out['emitted_counts'][j]:>10} {expected[j]:>12.1f}")
     if "batches_per_rank_per_epoch" in out:
         print(f"batches per rank per epoch: {out['batches_per_rank_per_epoch']}")
     print(f"skips: {out['skips']}")
