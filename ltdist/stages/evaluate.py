@@ -38,7 +38,9 @@ from ltdist.stages import StageContext
 from ltdist.stages.extract import load_features
 from ltdist.stages.kt import classifiers_path, load_kt_classifiers
 
-CHUNK = 4096  # test samples scored at once: bounds memory to CHUNK × C probabilities per classifier
+# Probabilities held per classifier and chunk (elements, 32 MiB in float32): a chunk has 2^23 / C test samples, so
+# the memory of scoring stays the same at 10 or 8142 classes (every classifier's chunk is alive at once).
+CHUNK_ELEMENTS = 2**23
 
 
 def classifier_names(kt: KTClassifiers) -> tuple[list[str], list[str]]:
@@ -115,8 +117,10 @@ def predict_all(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], featur
         kt = KTClassifiers(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
                               for k, v in kt.state_dict().items()})
     predictions: dict[str, list[torch.Tensor]] = {}
-    for start in range(0, features.shape[0], CHUNK):
-        chunk = features[start:start + CHUNK].to(device)
+    num_classes = kt.weights.shape[0] if kt is not None else next(iter(sets.values())).num_classes
+    rows = max(1, CHUNK_ELEMENTS // num_classes)
+    for start in range(0, features.shape[0], rows):
+        chunk = features[start:start + rows].to(device)
         known = {f"{KT_FILE}/{name}": p for name, p in _kt_probabilities(kt, chunk)} if kt is not None else {}
         probs = {**known, **_set_probabilities(sets, known, chunk)}
         for ref, p in probs.items():
