@@ -106,6 +106,15 @@ def _set_probabilities(sets: dict[str, ClassifierSet], known: dict[str, torch.Te
     return probs
 
 
+def _chunk_top1(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], chunk: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+    """"<file>/<row>" → top-1 class ids [B] (CPU) of one chunk; its probabilities are freed on return, before
+    the next chunk's are made."""
+    known = {f"{KT_FILE}/{name}": p for name, p in _kt_probabilities(kt, chunk)} if kt is not None else {}
+    probs = {**known, **_set_probabilities(sets, known, chunk)}
+    return {ref: p.argmax(dim=1).cpu() for ref, p in probs.items()}
+
+
 def predict_all(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], features: torch.Tensor,
                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Top-1 class ids [N] (CPU) of every classifier, scored in chunks on ``device``.
@@ -116,21 +125,22 @@ def predict_all(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], featur
     if kt is not None:
         kt = KTClassifiers(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
                               for k, v in kt.state_dict().items()})
-    predictions: dict[str, list[torch.Tensor]] = {}
     num_classes = kt.weights.shape[0] if kt is not None else next(iter(sets.values())).num_classes
     rows = max(1, CHUNK_ELEMENTS // num_classes)
+    # One [N] result per classifier, allocated once: small per-chunk results kept between the chunks' large
+    # probability matrices fragmented the heap (peak RSS grew with every chunk: 3.7 GiB at 8142 classes).
+    predictions: dict[str, torch.Tensor] = {}
     for start in range(0, features.shape[0], rows):
-        chunk = features[start:start + rows].to(device)
-        known = {f"{KT_FILE}/{name}": p for name, p in _kt_probabilities(kt, chunk)} if kt is not None else {}
-        probs = {**known, **_set_probabilities(sets, known, chunk)}
-        for ref, p in probs.items():
-            predictions.setdefault(ref, []).append(p.argmax(dim=1).cpu())
+        for ref, top1 in _chunk_top1(kt, sets, features[start:start + rows].to(device)).items():
+            if ref not in predictions:
+                predictions[ref] = torch.empty(features.shape[0], dtype=torch.long)
+            predictions[ref][start:start + top1.numel()] = top1
     by_name: dict[str, torch.Tensor] = {}
-    for ref, parts in predictions.items():
+    for ref, top1 in predictions.items():
         name = ref.split("/", 1)[1]
         if name in by_name:
             raise ValueError(f"evaluate: two classifier files report a row named {name!r}")
-        by_name[name] = torch.cat(parts)
+        by_name[name] = top1
     return by_name
 
 
