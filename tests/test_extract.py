@@ -28,12 +28,12 @@ def test_rank_shards_merge_to_the_single_rank_result():
     images = torch.randn(10, 1, 28, 28)
     labels = torch.arange(10) % 4
     keys = [f"img{i:03d}" for i in (7, 2, 9, 0, 4, 1, 8, 3, 6, 5)]  # stream order is not key order
-    single = embed_split(model, _batches(images, labels, keys, 4), torch.device("cpu"))
+    single = embed_split(model, _batches(images, labels, keys, 4), torch.device("cpu"), capacity=12)
     assert single["features"].shape == (10, model.feature_dim)
     with torch.no_grad():
         torch.testing.assert_close(single["features"], model.forward_features(images))
     # Two ranks each see a strided half of the split, in their own batch size.
-    shards = [embed_split(model, _batches(images[r::2], labels[r::2], keys[r::2], 3), torch.device("cpu"))
+    shards = [embed_split(model, _batches(images[r::2], labels[r::2], keys[r::2], 3), torch.device("cpu"), capacity=5)
               for r in range(2)]
     merged = merge_feature_shards(shards)
     assert merged["keys"] == sorted(keys)
@@ -42,6 +42,8 @@ def test_rank_shards_merge_to_the_single_rank_result():
     assert torch.equal(merged["labels"], labels[order])
     with pytest.raises(ValueError, match="more than one rank"):
         merge_feature_shards([shards[0], shards[0]])
+    with pytest.raises(ValueError, match="more than the expected 9 samples"):
+        embed_split(model, _batches(images, labels, keys, 4), torch.device("cpu"), capacity=9)
 
 
 _RANK_MAIN = """
