@@ -167,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             if stage in runs:
                 continue
             print(f"[{time.strftime('%H:%M:%S')}] {classes} classes: {stage}", flush=True)
+            run_dir = work / "runs" / "synthetic_inat" / "rehearsal"
             if stage == "train":  # a fresh run: never resume an interrupted rehearsal's checkpoint
                 shutil.rmtree(work / "runs", ignore_errors=True)
+            if stage == "extract":  # extract skips splits whose features are newer than the model
+                shutil.rmtree(run_dir / "features", ignore_errors=True)
             row = measure(stage_command(stage, classes, work, args), work / f"{stage}.log",
                           work / "stats.json" if stage == "stats" else None)
             if stage in LAUNCHED:
-                row["stage_s"] = stage_seconds(work / "runs" / "synthetic_inat" / "rehearsal", stage)
+                row["stage_s"] = stage_seconds(run_dir, stage)
             if stage == "stats":
                 row["stream"] = stream_check(work)
             row["work"] = stage_work(stage, classes, work, args)
