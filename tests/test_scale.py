@@ -9,10 +9,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from stage_fixtures import make_run_dir, stage_context
 
-from ltdist.data import read_index
+from ltdist.config.schema import DataConfig
+from ltdist.data import ensure_shards, read_index
 from ltdist.data.build import build_shards
 from ltdist.data.formats import synthetic
 from ltdist.data.formats.longtail import counts_with_total
@@ -58,6 +60,12 @@ def shards_2000(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic_2000")
     return build_shards("synthetic", "", out, imbalance=500, val_per_class=0, synthetic_classes=CLASSES,
                         test_per_class=1, image_size=8, train_images=6000, shard_size=250, progress=False)
+
+
+def test_missing_synthetic_shards_name_the_command(tmp_path):
+    cfg = OmegaConf.structured(DataConfig(format="synthetic", shards=str(tmp_path / "none")))
+    with pytest.raises(FileNotFoundError, match="ltdist shards synthetic --classes N"):
+        ensure_shards(cfg)
 
 
 def test_synthetic_shards_have_the_profile(shards_2000):
