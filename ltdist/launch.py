@@ -100,8 +100,10 @@ def derived_settings(cfg: DictConfig, cluster: str) -> str:
 
         index = read_index(index_path)
         steps = sum(index.train_counts) // plan.global_batch
+        total = steps * t.epochs
+        capped = f", stopped at trainer.max_steps={t.max_steps}" if 0 < t.max_steps < total else ""
         lines.append(f"data: {index.num_classes} classes, {sum(index.train_counts)} train images → {steps} steps "
-                     f"per epoch, {steps * t.epochs} in {t.epochs} epochs")
+                     f"per epoch, {total} in {t.epochs} epoch(s){capped}")
     else:
         lines.append(f"data: {index_path} not found here (steps per epoch are counted from it at run time)")
     return "\n".join(f"# {line}" for line in lines)

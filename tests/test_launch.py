@@ -79,8 +79,12 @@ def test_dry_run_counts_steps_from_existing_shards(fmnist_lt, tmp_path, capsys):
     assert code == 0
     steps = sum(read_index(fmnist_lt).train_counts) // 128
     assert f"# data: 10 classes, {sum(read_index(fmnist_lt).train_counts)} train images → {steps} steps" in out
+    assert "stopped at trainer.max_steps" not in out
     assert "# batch: 128 global = 64 per rank × 2 ranks" in out
     assert f"# learning rate: {0.1 * 0.5 ** 0.5:g} = 0.1 at batch 256, sqrt scaling" in out
+    assert launch_main(["--cluster", "local", "--dry-run", f"data.shards={fmnist_lt.parent}", f"output.root={tmp_path}",
+                        "trainer.batch_size=128", "trainer.epochs=2", "trainer.max_steps=5"]) == 0
+    assert f"{2 * steps} in 2 epoch(s), stopped at trainer.max_steps=5" in capsys.readouterr().out
 
 
 def test_dry_run_refuses_a_batch_that_does_not_divide(tmp_path, capsys):
