@@ -61,8 +61,11 @@ def gpu_test_files() -> list[Path]:
 def run_tests(out: Path, timeout: float) -> dict[str, Any]:
     """``pytest -m gpu`` over :func:`gpu_test_files`; counts and failed test ids from its JUnit XML."""
     junit = out / "gpu_tests.xml"
+    # --rootdir fixes the test ids ("test_kernel_gpu::test_x"): pytest otherwise derives them from the
+    # common ancestor of the test files and the working directory, which depends on where it is run from.
     rc, seconds = _run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                        f"--junitxml={junit}", *map(str, gpu_test_files())], timeout, out / "gpu_tests.log")
+                        f"--rootdir={TESTS}", f"--junitxml={junit}", *map(str, gpu_test_files())], timeout,
+                       out / "gpu_tests.log")
     result: dict[str, Any] = dict(exit_status=rc, seconds=seconds, timed_out=rc is None)
     if junit.exists():
         suite = ET.parse(junit).getroot()
