@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ltdist.data.formats import synthetic
 from ltdist.data.index import read_index
+from ltdist.data.stats import emission_check
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "experiment" / "synthetic_inat.yaml"
 LAUNCHED = ("train", "extract", "kt", "evaluate")
@@ -71,20 +72,19 @@ def stage_command(stage: str, classes: int, work: Path, args: argparse.Namespace
     py = [sys.executable, "-m"]
     if stage == "shards":
         return [*py, "ltdist.cli", "shards", "synthetic", "--classes", str(classes), "--out", str(shards),
-                     "--workers", str(args.shard_workers), "--no-progress"]
+                "--workers", str(args.shard_workers), "--no-progress"]
     if stage == "stats":
         return [*py, "ltdist.cli", "stats", "--index", str(shards), "--ranks", str(args.ranks), "--batch-size",
-                     str(args.batch_size // args.ranks), "--no-decode", "--json"]
-    if stage == "mpfa":
-        total = round(synthetic.INAT_TRAIN_IMAGES * classes / synthetic.INAT_CLASSES)
-        return [*py, "ltdist.cli", "bench", "mpfa", "--classes", str(classes), "--total", str(total),
-                     "--out", str(work / "mpfa_bench.json")]
+                str(args.batch_size // args.ranks), "--no-decode", "--json"]
+    if stage == "mpfa":  # a bank with the train split's counts
+        return [*py, "ltdist.cli", "bench", "mpfa", "--classes", str(classes), "--total",
+                str(sum(read_index(shards).train_counts)), "--out", str(work / "mpfa_bench.json")]
     return [*py, "ltdist.launch", "--cluster", "local", "--config", str(PRESET), f"data.shards={shards}",
-                 f"output.root={work / 'runs'}", "output.run_id=rehearsal", f"stages=[{stage}]",
-                 # max_steps, not the epoch count, ends training at every class count
-                 f"trainer.max_steps={args.steps}", f"trainer.epochs={args.steps}",
-                 f"trainer.batch_size={args.batch_size}", f"launch.tasks_per_node={args.ranks}",
-                 "trainer.progress=false"]
+            f"output.root={work / 'runs'}", "output.run_id=rehearsal", f"stages=[{stage}]",
+            # max_steps, not the epoch count, ends training at every class count
+            f"trainer.max_steps={args.steps}", f"trainer.epochs={args.steps}",
+            f"trainer.batch_size={args.batch_size}", f"launch.tasks_per_node={args.ranks}",
+            "trainer.progress=false"]
 
 
 def stage_work(stage: str, classes: int, work: Path, args: argparse.Namespace) -> int:
@@ -109,9 +109,7 @@ def stage_work(stage: str, classes: int, work: Path, args: argparse.Namespace) -
 def stream_check(work: Path) -> dict:
     """How far the stream's per-class emissions fall from q_j · total (from ``ltdist stats``)."""
     stats = json.loads((work / "stats.json").read_text())
-    emitted, expected = stats["emitted_counts"], stats["expected_counts"]
-    missing = sum(1 for e, x in zip(emitted, expected) if x > 0 and e == 0)
-    worst = max(abs(e - x) / x ** 0.5 for e, x in zip(emitted, expected) if x > 0)
+    missing, worst = emission_check(stats["emitted_counts"], stats["expected_counts"])
     return {"classes_never_emitted": missing, "max_abs_z": round(worst, 2),
             "batches_per_rank": stats["batches_per_rank_per_epoch"]}
 

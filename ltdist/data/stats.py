@@ -13,13 +13,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ltdist.config.schema import EvaluateConfig
 from ltdist.data.evaluation import scan_split
 from ltdist.data.index import read_index
 from ltdist.data.sampling import class_probabilities
 from ltdist.data.stream import build_train_stream
 from ltdist.evaluate.bins import count_bins, format_range
 
-PER_CLASS_ROWS_MAX = 50  # more classes than this: the table bins them by training count (--per-class: all)
+# More classes than this: the table bins them by training count (--per-class: all), as the evaluate report does.
+PER_CLASS_ROWS_MAX = EvaluateConfig.per_class_rows_max
 
 
 def train_stats(index_path: Path, *, sampling_power: float, epochs: int, ranks: int, workers: int,
@@ -58,15 +60,21 @@ def train_stats(index_path: Path, *, sampling_power: float, epochs: int, ranks: 
     }
 
 
+def emission_check(emitted: list[int], expected: list[float]) -> tuple[int, float]:
+    """(classes expected but never emitted, worst |emitted − expected| / √expected: about a Poisson z-score)
+    over the classes given; classes expected 0 times are left out."""
+    pairs = [(e, x) for e, x in zip(emitted, expected) if x > 0]
+    return (sum(1 for e, _ in pairs if e == 0), max((abs(e - x) / x ** 0.5 for e, x in pairs), default=0.0))
+
+
 def print_binned(emitted: list[int], expected: list[float], train_counts: list[int]) -> None:
-    """Emitted vs expected totals per power-of-2 bin of the training count, with the worst class of each bin
-    (|emitted − expected| / √expected, about a Poisson z-score) and its classes never emitted."""
+    """Emitted vs expected totals per power-of-2 bin of the training count, with each bin's classes never
+    emitted and its worst class (:func:`emission_check`)."""
     print(f"{'train count':>11} {'classes':>8} {'emitted':>10} {'expected':>12} {'worst |z|':>9} {'never emitted':>13}")
     for b in count_bins(train_counts):
         e = [emitted[j] for j in b.classes]
         x = [expected[j] for j in b.classes]
-        worst = max((abs(ej - xj) / xj ** 0.5 for ej, xj in zip(e, x) if xj > 0), default=0.0)
-        never = sum(1 for ej, xj in zip(e, x) if xj > 0 and ej == 0)
+        never, worst = emission_check(e, x)
         print(f"{format_range(b.lo, b.hi):>11} {len(b.classes):>8} {sum(e):>10} {sum(x):>12.1f} {worst:>9.2f} "
               f"{never:>13}")
     print("(--per-class for one row per class, --json for everything)")
@@ -108,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             index = read_index(args.index)
             valid, skips = scan_split(index, args.split, args.channels)
             out = {"index": str(args.index), "split": args.split, "classes": index.classes,
-                   "counts": index.counts[args.split], "emitted_counts": [valid[j] for j in range(index.num_classes)],
+                   "train_counts": index.train_counts, "counts": index.counts[args.split],
+                   "emitted_counts": [valid[j] for j in range(index.num_classes)],
                    "skips": dict(skips)}
     except (FileNotFoundError, ValueError) as e:
         print(f"ltdist stats: {e}", file=sys.stderr)
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     expected = out.get("expected_counts", out.get("counts"))
     if len(out["classes"]) > PER_CLASS_ROWS_MAX and not args.per_class:
-        print_binned(out["emitted_counts"], expected, read_index(args.index).train_counts)
+        print_binned(out["emitted_counts"], expected, out["train_counts"])
     else:
         print(f"{'class':>5} {'name':<24} {'emitted':>10} {'expected':>12}")
         for j, name in enumerate(out["classes"]):

@@ -80,8 +80,9 @@ def embed_split(model: torch.nn.Module, batches, device: torch.device, capacity:
         if heartbeat is not None:
             heartbeat.tick(len(keys), "images")
     n = len(keys)
-    # a view would keep (and torch.save would write) the whole preallocated storage
-    return {"features": features[:n].clone(), "labels": labels[:n].clone(), "keys": keys}
+    if n < capacity:  # a view would keep (and torch.save would write) the whole preallocated storage
+        features, labels = features[:n].clone(), labels[:n].clone()
+    return {"features": features, "labels": labels, "keys": keys}
 
 
 def run(ctx: StageContext) -> None:
