@@ -67,6 +67,11 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-steps per optimizer step
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    # Speed options (ltdist.engine.speed). auto: channels_last on CUDA, contiguous on the CPU.
+    memory_format: str = "auto"  # auto | channels_last | contiguous
+    cudnn_benchmark: bool = True  # cuDNN times its convolution algorithms once per input shape (CUDA)
+    tf32: bool = True  # TF32 tensor cores for fp32 matrix products and convolutions (CUDA, Ampere and later)
+    compile: bool = False  # torch.compile of the backbone; not with MPCL's meta step (method.mpcl.meta_network)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     log_every: int = 20  # steps between metrics.jsonl lines

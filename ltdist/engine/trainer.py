@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ltdist.data.meta_set import MetaSet
 from ltdist.distributed import DistEnv, barrier
 from ltdist.engine import checkpoint as ckpt
-from ltdist.engine import requeue_log
+from ltdist.engine import requeue_log, speed
 from ltdist.engine.ds_config import build_deepspeed_config, effective_lr, plan_batches, skip_single_rank_allreduce
 from ltdist.engine.ds_ops import isolate_torch_extensions
 from ltdist.engine.metrics import MetricsSink, StepWindow, validate
@@ -80,6 +80,10 @@ class Trainer:
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = build_model(cfg.model.arch, num_classes, cfg.data.channels, cfg.model.classifier,
                             cfg.model.scale_init, cfg.model.learn_scale)
+        speed.set_backend_flags(t.cudnn_benchmark, t.tf32)
+        self.memory_format = speed.memory_format(t.memory_format, env.device)
+        if t.compile:
+            speed.compile_backbone(model)
         self.peak_lr = effective_lr(o.lr, self.plan.global_batch, o.lr_reference_batch, o.lr_scaling)
         optimizer = torch.optim.SGD(_param_groups(model, o.weight_decay), lr=self.peak_lr, momentum=o.momentum,
                                     nesterov=o.nesterov)
@@ -158,7 +162,7 @@ class Trainer:
         if self.on_batch is not None:
             self.on_batch(self.step, batch)
         device = self.env.device
-        images = batch.images.to(device, self.dtype, non_blocking=True)
+        images = batch.images.to(device, self.dtype, non_blocking=True, memory_format=self.memory_format)
         labels = batch.labels.to(device, non_blocking=True)
         lr = lr_at(self.step, self.peak_lr, self.total_steps, self.warmup_steps, self.cfg.optim.schedule)
         self.objective.before_micro_step(self.model, images, labels, step=self.step, epoch=self.epoch, lr=lr)
