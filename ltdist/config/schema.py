@@ -39,6 +39,12 @@ class ModelConfig:
     classifier: str = "cosine"  # cosine | linear
     scale_init: float = 16.0  # cosine classifier scale s at initialisation
     learn_scale: bool = True
+    # A state dict file loaded into the backbone before training (torchvision's .pth files for the ResNets,
+    # an ltdist run's weights/final.pt, a timm/torchvision backbone's own file); the head stays new. Without
+    # a train stage, extract embeds with it directly (frozen backbone). Empty: random initialisation.
+    weights: str = ""
+    # timm:/torchvision: backbones only: the library's own pretrained weights (fetched by the library).
+    pretrained: bool = False
 
 
 @dataclass

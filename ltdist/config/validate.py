@@ -84,6 +84,11 @@ def validate_config(cfg: DictConfig) -> None:
     elif arch not in ARCHS:
         problems.append(f"model.arch: must be one of {', '.join(ARCHS)}, timm:<name> or torchvision:<name>, "
                         f"got {arch!r}")
+    if cfg.model.pretrained and library not in EXTERNAL_BACKBONES:
+        problems.append(f"model.pretrained: only timm:<name> / torchvision:<name> backbones fetch their own "
+                        f"weights; for model.arch={arch!r} set model.weights=PATH")
+    if cfg.model.pretrained and cfg.model.weights:
+        problems.append("model.weights: set either model.weights or model.pretrained=true, not both")
     one_of("model.classifier", ("cosine", "linear"))
     check("model.scale_init", positive, "must be > 0")
 

@@ -32,7 +32,8 @@ from ltdist.engine.progress import TrainProgress
 from ltdist.engine.schedule import lr_at
 from ltdist.evaluate.groups import class_groups
 from ltdist.methods.objectives import build_objective
-from ltdist.models import LongTailModel, build_model, export_model
+from ltdist.models import LongTailModel, export_model
+from ltdist.models.weights import build_configured_model, write_weights_record
 from ltdist.preemption import preemption_agreed, requeue_and_exit
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,9 @@ class Trainer:
         self.dtype = DTYPES[t.precision]
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model.arch, num_classes, cfg.data.channels, cfg.model.classifier,
-                            cfg.model.scale_init, cfg.model.learn_scale)
+        model, weights_source = build_configured_model(cfg.model, num_classes, cfg.data.channels)
+        if weights_source is not None and env.is_main:
+            write_weights_record(self.run_dir / "weights", weights_source)
         speed.set_backend_flags(t.cudnn_benchmark, t.tf32)
         self.memory_format = speed.memory_format(t.memory_format, env.device)
         if t.compile:
