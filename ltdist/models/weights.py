@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ltdist.data.index import file_sha256
+from ltdist.fileio import write_atomic
 from ltdist.models.build import LongTailModel, build_model
 from ltdist.models.resnet_imagenet import ImageNetResNet, from_torchvision_keys
 
@@ -137,12 +138,7 @@ def build_configured_model(model_cfg, num_classes: int, channels: int) -> tuple[
 
 def write_weights_record(weights_dir: Path, record: dict) -> Path:
     """``weights_dir/source.json``: what the backbone's weights were loaded from."""
-    weights_dir.mkdir(parents=True, exist_ok=True)
-    path = weights_dir / RECORD_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_atomic(weights_dir / RECORD_FILE, lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
 
 
 def read_weights_record(weights_dir: Path) -> dict | None:
