@@ -10,6 +10,11 @@ averaged over them with :func:`ltdist.evaluate.aggregate.aggregate_reports` (mea
 Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` (one panel per column, a bar per
 method coloured by stage-1 objective, error bars = std); the run list says what each run's stage-2
 stages chose on val (τ, the KT k set).
+
+The conclusions are computed, not typed: a backbone × classifier matrix (All and Few), the best classifier
+per backbone and overall (by mean All) with every classifier it does not beat beyond seed noise, and each
+``--claim "STAGE1=ROW > STAGE1=ROW"`` checked in All and Few. Every difference is paired over seeds with
+a 95 % Student-t interval (:mod:`ltdist.evaluate.paired`); an interval that contains 0 is written "tie".
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ltdist.evaluate.aggregate import aggregate_reports, mean_std_cell
+from ltdist.evaluate.paired import PairedDifference, paired_difference
 from ltdist.evaluate.plots import plot_comparison
 from ltdist.evaluate.report import COLUMNS
 from ltdist.methods.classifier_set import load_classifier_sets
 
 CHOSEN_KEYS = ("tau", "ks")  # what tau_norm, logit_adjust and kt_val choose on val
 COLUMN_TITLES = {"many": "Many-shot", "medium": "Medium-shot", "few": "Few-shot", "all": "All"}
+CLAIM_COLUMNS = ("all", "few")  # the columns the matrix shows and every claim is checked in
 
 
 @dataclass(frozen=True)
@@ -130,6 +137,86 @@ def pick_rows(rows: Sequence[dict], picks: Sequence[str]) -> list[dict]:
     return chosen
 
 
+def per_seed(runs: Sequence[RunInfo], classifier: str, column: str) -> dict[int, float]:
+    """seed → the report value of ``classifier`` in ``column`` (fraction), for the runs that report it."""
+    values = {}
+    for run in runs:
+        row = json.loads(run.report.read_text())["classifiers"].get(classifier)
+        if row is not None and row.get(column) is not None:
+            values[run.seed] = float(row[column])
+    return values
+
+
+def method_name(stage1: str, stage2: str) -> str:
+    return f"{stage1}={stage2}"
+
+
+def check_claim(groups: dict[str, list[RunInfo]], claim: str, column: str) -> PairedDifference:
+    """``claim`` "STAGE1=ROW > STAGE1=ROW" in ``column``, paired over seeds; an unknown side lists what exists."""
+    left, sep, right = (part.strip() for part in claim.partition(">"))
+    if not sep:
+        raise ValueError(f"--claim {claim!r}: write it as 'STAGE1=ROW > STAGE1=ROW'")
+    sides = []
+    for side in (left, right):
+        stage1, eq, row = side.rpartition("=")
+        values = per_seed(groups.get(stage1, []), row, column) if eq else {}
+        if not values:
+            raise ValueError(f"--claim {claim!r}: no runs report {side!r}; stage-1 labels: {sorted(groups)}")
+        sides.append(values)
+    return paired_difference(sides[0], sides[1], a_name=left, b_name=right, column=column)
+
+
+def best_of(groups: dict[str, list[RunInfo]], rows: Sequence[dict], column: str = "all") -> dict:
+    """The best method by mean ``column`` among ``rows``, and its paired difference to every other row."""
+    ranked = sorted((r for r in rows if r[column] is not None), key=lambda r: -r[column][0])
+    if not ranked:
+        raise ValueError(f"no row reports {column!r}")
+    top = ranked[0]
+    top_values = per_seed(groups[top["stage1"]], top["stage2"], column)
+    versus = [paired_difference(top_values, per_seed(groups[r["stage1"]], r["stage2"], column),
+                                a_name=method_name(top["stage1"], top["stage2"]),
+                                b_name=method_name(r["stage1"], r["stage2"]), column=column)
+              for r in ranked[1:]]
+    return {"best": method_name(top["stage1"], top["stage2"]), "column": column, "mean": top[column][0],
+            "versus": versus}
+
+
+def conclusions(runs: Sequence[RunInfo], rows: Sequence[dict], claims: Sequence[str] = ()) -> dict:
+    """The best classifier per backbone and overall (All) and every claim (All and Few), paired over seeds."""
+    groups = group_runs(runs)
+    labels = dict.fromkeys(r["stage1"] for r in rows if r["all"] is not None)
+    per_backbone = {label: best_of(groups, [r for r in rows if r["stage1"] == label]) for label in labels}
+    return {"best_per_backbone": per_backbone, "best_overall": best_of(groups, rows),
+            "claims": [check_claim(groups, claim, column) for claim in claims for column in CLAIM_COLUMNS]}
+
+
+def _best_sentence(best: dict) -> str:
+    ties = [d.b for d in best["versus"] if d.verdict != ">"]
+    beaten = sum(d.verdict == ">" for d in best["versus"])
+    tied = f"; tied with {', '.join(ties)}" if ties else ""
+    return (f"{best['best']} ({100 * best['mean']:.1f} %), ahead of {beaten} of {len(best['versus'])} others "
+            f"beyond seed noise{tied}")
+
+
+def format_conclusions(found: dict) -> str:
+    """Markdown bullets of :func:`conclusions`: best per backbone, best overall, then each claim's verdict."""
+    lines = [f"- best on {label} (All): {_best_sentence(best)}" for label, best in found["best_per_backbone"].items()]
+    lines.append(f"- best overall (All): {_best_sentence(found['best_overall'])}")
+    lines += [f"- {d.sentence()}" for d in found["claims"]]
+    return "\n".join(lines)
+
+
+def format_matrix(rows: Sequence[dict], column: str) -> str:
+    """Markdown: a row per stage-2 classifier, a column per stage-1 backbone, "mean ± std" of ``column``."""
+    backbones = list(dict.fromkeys(r["stage1"] for r in rows))
+    classifiers = list(dict.fromkeys(r["stage2"] for r in rows))
+    cell = {(r["stage1"], r["stage2"]): r[column] for r in rows}
+    lines = [f"| {COLUMN_TITLES[column]} | " + " | ".join(backbones) + " |", "|---|" + "---:|" * len(backbones)]
+    lines += [f"| {c} | " + " | ".join("—" if (b, c) not in cell else mean_std_cell(cell[(b, c)]) for b in backbones)
+              + " |" for c in classifiers]
+    return "\n".join(lines)
+
+
 def format_comparison(rows: Sequence[dict]) -> str:
     """Markdown: Stage-1 objective | Stage-2 classifier | Many | Medium | Few | All (mean ± std, %) | Seeds."""
     lines = ["| Stage-1 objective | Stage-2 classifier | " + " | ".join(COLUMN_TITLES[c] for c in COLUMNS)
@@ -143,8 +230,10 @@ def format_comparison(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_comparison(rows: Sequence[dict], runs: Sequence[RunInfo], out_dir: Path) -> dict[str, Path]:
-    """comparison.md / .json / .png in ``out_dir``; returns their paths by suffix."""
+def write_comparison(rows: Sequence[dict], runs: Sequence[RunInfo], out_dir: Path,
+                     claims: Sequence[str] = ()) -> dict[str, Path]:
+    """comparison.md / .json / .png in ``out_dir`` with the :func:`conclusions`; returns their paths by suffix."""
+    found = conclusions(runs, rows, claims)
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen = {r.run_dir: r.chosen_on_val() for r in runs}
     paths = {suffix: out_dir / f"comparison.{suffix}" for suffix in ("md", "json", "png")}
@@ -154,7 +243,13 @@ def write_comparison(rows: Sequence[dict], runs: Sequence[RunInfo], out_dir: Pat
         "runs": [{"run_dir": str(r.run_dir), "experiment": r.experiment, "objective": r.objective, "head": r.head,
                   "seed": r.seed, "chosen_on_val": chosen[r.run_dir]} for r in runs],
         "methods": [{"stage1": r["stage1"], "stage2": r["stage2"], "seeds": r["seeds"],
-                     **{c: as_dict(r[c]) for c in COLUMNS}} for r in rows]}, indent=2) + "\n")
+                     **{c: as_dict(r[c]) for c in COLUMNS}} for r in rows],
+        "conclusions": {
+            "best_per_backbone": {label: {**best, "versus": [d.as_dict() for d in best["versus"]]}
+                                  for label, best in found["best_per_backbone"].items()},
+            "best_overall": {**found["best_overall"], "versus": [d.as_dict() for d in found["best_overall"]["versus"]]},
+            "claims": [d.as_dict() for d in found["claims"]], "text": format_conclusions(found)}},
+        indent=2) + "\n")
     seeds = sorted({len(r["seeds"]) for r in rows})
     plot_comparison(paths["png"], [r["stage1"] for r in rows], [r["stage2"] for r in rows],
                     {c: [None if r[c] is None else r[c][0] for r in rows] for c in COLUMNS},
@@ -163,7 +258,10 @@ def write_comparison(rows: Sequence[dict], runs: Sequence[RunInfo], out_dir: Pat
     md = ["# Long-tail comparison", "",
           f"{len(runs)} runs; top-1 (%) on the test split, mean ± sample std over the seeds of each stage-1 "
           "objective; many / medium / few: mean per-class accuracy of the group, All: every test sample.", "",
-          format_comparison(rows), "", "## Runs", ""]
+          format_comparison(rows), "", "## Backbone × classifier", "",
+          *(line for c in CLAIM_COLUMNS for line in (format_matrix(rows, c), "")),
+          "## Conclusions", "", "Differences are paired over seeds with a 95 % Student-t interval; an interval "
+          "that contains 0 is a tie.", "", format_conclusions(found), "", "## Runs", ""]
     for r in runs:
         picks = "; ".join(f"{m} " + ", ".join(f"{k} = {v}" for k, v in p.items()) for m, p in chosen[r.run_dir].items())
         md.append(f"- `{r.run_dir}`: {r.objective} ({r.head} head), seed {r.seed}"
@@ -183,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pick", nargs="+", metavar="STAGE1=CLASSIFIER",
                         help="only these (stage-1 label, report row) pairs, in this order, e.g. "
                              "'ce (linear head)=cRT'")
+    parser.add_argument("--claim", action="append", default=[], metavar="'STAGE1=ROW > STAGE1=ROW'",
+                        help="a claim to check (All and Few), paired over seeds; repeatable")
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.runs)
@@ -190,13 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = compare_runs(runs, keep)
         if args.pick:
             rows = pick_rows(rows, args.pick)
+        if not rows:
+            raise ValueError(f"no report row named {args.classifiers}")
+        paths = write_comparison(rows, runs, args.out or args.runs[0] / "comparison", args.claim)
     except (FileNotFoundError, ValueError) as exc:
         print(f"ltdist compare: {exc}", file=sys.stderr)
         return 2
-    if not rows:
-        print(f"ltdist compare: no report row named {args.classifiers}", file=sys.stderr)
-        return 2
-    paths = write_comparison(rows, runs, args.out or args.runs[0] / "comparison")
     print(format_comparison(rows))
     print("\n" + "\n".join(f"{suffix}: {path}" for suffix, path in paths.items()))
     return 0
