@@ -30,7 +30,11 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states as tensors, ints and tuples only, so the rank file loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -38,7 +42,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -122,5 +127,5 @@ def load_checkpoint(engine, directory: Path, rank: int) -> tuple[dict, dict]:
     rank_file = directory / f"ltdist_rank{rank}.pt"
     if not rank_file.exists():
         raise RuntimeError(f"{rank_file} is missing: the checkpoint was written by a job with fewer ranks")
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)  # no code from the run directory
     return client_state, rank_state

@@ -39,6 +39,7 @@ from ltdist.evaluate.prototype_health import prototype_health
 from ltdist.methods.classifier_set import KT_FILE, ClassifierSet, head_scorer, load_classifier_sets
 from ltdist.methods.kt import KTClassifiers, cosine_probabilities
 from ltdist.methods.objectives.mpcl import load_prototypes
+from ltdist.models.weights import read_weights_record
 from ltdist.stages import StageContext
 from ltdist.stages.extract import load_features
 from ltdist.stages.kt import classifiers_path, load_kt_classifiers
@@ -166,11 +167,13 @@ def head_classifier_set(run_dir: Path) -> ClassifierSet:
 
 def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test: dict, train_counts: list[int], *,
                  dataset: str, out_dir: Path, many_threshold: int, few_threshold: int, per_class_rows_max: int,
-                 device: torch.device | str = "cpu", health: dict | None = None) -> tuple[Path, str]:
+                 device: torch.device | str = "cpu", health: dict | None = None,
+                 weights: dict | None = None) -> tuple[Path, str]:
     """Score every classifier, write the report files and plots into ``out_dir``; return (report.md, tables).
 
     Past ``per_class_rows_max`` classes the per-class table and plot are binned by training count.
-    ``health``: the run's prototype health for the report, or None.
+    ``weights``: where the backbone's weights came from (``weights/source.json``), kept in report.json and
+    named in report.md's notes. ``health``: the run's prototype health for the report, or None.
     """
     num_classes = len(train_counts)
     groups = class_groups(train_counts, many_threshold, few_threshold)
@@ -183,6 +186,9 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
     notes = [f"top-1 (%) on the test split ({labels.numel()} samples); many-shot n > {many_threshold}, "
              f"few-shot n < {few_threshold} training samples, medium otherwise; group = mean per-class "
              f"accuracy, Total = all test samples"]
+    if weights is not None:
+        notes.append(f"backbone started from {weights['path'] or weights.get('pretrained')}"
+                     + (f" (sha256 {weights['sha256']})" if weights.get("sha256") else " (the library's weights)"))
     row_labels: dict[str, str] = {}
     untrained: list[int] = []
     if kt is not None:
@@ -222,7 +228,8 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
                  plot_group_bars(plot_dir / "group_accuracy.png", results)]
     path = write_report(out_dir, dataset=dataset, groups=groups, results=results, per_class=per_class,
                         train_counts=train_counts, tables=tables, notes=notes, plots=plots, labels=row_labels,
-                        per_class_rows_max=per_class_rows_max, prototype_health=health)
+                        per_class_rows_max=per_class_rows_max, prototype_health=health,
+                        extra={"weights": weights} if weights else None)
     printed = "\n\n".join(f"{title}\n{format_table(results, sections, row_labels)}"
                            for title, sections in tables.items())
     return path, printed
@@ -257,6 +264,6 @@ def run(ctx: StageContext) -> None:
                                      many_threshold=cfg.evaluate.many_threshold,
                                      few_threshold=cfg.evaluate.few_threshold,
                                      per_class_rows_max=cfg.evaluate.per_class_rows_max, device=ctx.dist.device,
-                                     health=health)
+                                     health=health, weights=read_weights_record(ctx.run_dir / "weights"))
         print(f"{printed}\n\nreport: {path}", flush=True)
     barrier()

@@ -11,9 +11,22 @@ from ltdist.data.formats.longtail import long_tail_split, profile_counts
 from ltdist.data.writer import SourceSample
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's own format is a pickle of dicts, lists and numpy arrays: only what builds those may load, so a
+    planted ``__reduce__`` payload in a downloaded file raises instead of running."""
+
+    _allowed = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")})
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"CIFAR file refers to {module}.{name}; only numpy arrays are allowed")
+
+
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        return _ArraysOnly(f, encoding="bytes").load()
 
 
 def _images(batch: dict) -> np.ndarray:
