@@ -120,14 +120,15 @@ def ema_cases(shapes, device, compile_: bool) -> Iterator[Case]:
 
     for B, C, F_ in shapes:
         protos = F.normalize(torch.randn(C, F_, device=device), dim=1)
+        seen = torch.randint(0, 2000, (C,), device=device)  # both phases: running mean and eq. 1
         feats, labels = torch.randn(B, F_, device=device), torch.randint(0, C, (B,), device=device)
         present = int(torch.unique(labels).numel())
         impls: dict = {}
         if _fast(device):
-            impls["fast"] = lambda p=protos, f=feats, y=labels: prototype_ema(p, f, y, 0.999)
-        impls["eager"] = lambda p=protos, f=feats, y=labels: prototype_ema_reference(p, f, y, 0.999)
+            impls["fast"] = lambda p=protos, n=seen, f=feats, y=labels: prototype_ema(p, n, f, y, 0.999)
+        impls["eager"] = lambda p=protos, n=seen, f=feats, y=labels: prototype_ema_reference(p, n, f, y, 0.999)
         comp = _compiled(prototype_ema_reference, compile_)
-        _add(impls, "compile", comp and (lambda p=protos, f=feats, y=labels, c=comp: c(p, f, y, 0.999)))
+        _add(impls, "compile", comp and (lambda p=protos, n=seen, f=feats, y=labels, c=comp: c(p, n, f, y, 0.999)))
         # feats read once, touched prototype rows read + written, untouched rows copied
         yield Case("prototype_ema", f"B={B} C={C} F={F_}", impls, 3.0 * B * F_, 4 * (B * F_ + 2 * C * F_),
                    notes={"classes_in_batch": present})

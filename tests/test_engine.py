@@ -248,7 +248,8 @@ def test_nonfinite_losses_are_skipped_then_stop(workdir):
 
 # MPCL (paper 2 stage 1): meta step at every step, meta set carved from train (4 per class).
 MPCL = ["method.loss=mpcl", "method.mpcl.warmup_epochs=0", "method.mpcl.meta_source=train",
-        "method.mpcl.meta_per_class=4", "method.mpcl.meta_hidden=16", "method.mpcl.momentum=0.9", "trainer.max_steps=8"]
+        "method.mpcl.meta_per_class=4", "method.mpcl.meta_hidden=16", "method.mpcl.momentum=0.9", "trainer.max_steps=8",
+        "method.mpcl.meta_optimizer=sgd_normalised", "method.mpcl.meta_lr=0.05", "method.mpcl.meta_init_std=0.01"]
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +264,13 @@ def test_mpcl_trains_with_meta_steps_and_never_streams_the_meta_set(mpcl_a):
     run_dir, out = mpcl_a
     steps = [m for m in metrics(run_dir) if "loss" in m]
     assert all("loss_pc" in m and m["meta_steps"] == m["step"] for m in steps), steps
+    # the normalised meta step moves Θ by exactly meta_lr; a non-zero last layer lets every layer learn. The
+    # very first meta step has no prototype yet (ĉ = 0 does not depend on Θ): a zero gradient, no step, so the
+    # first 2-step window averages 0.025
+    updates = [m["meta_update_norm"] for m in steps]
+    assert updates[0] == pytest.approx(0.025, rel=1e-4), steps
+    assert all(u == pytest.approx(0.05, rel=1e-4) for u in updates[1:]), steps
+    assert all(m["meta_grad_norm/encoder.0.weight"] > 0 and m["centre_shift_mean"] > 0 for m in steps), steps
     meta = json.loads((run_dir / "meta_set.json").read_text())
     assert meta["source"] == "train" and len(meta["keys"]) == sum(meta["per_class"])
     assert meta["per_class"] == [4] * 9 + [3]  # the 6-image class gives half of its images
@@ -286,3 +294,4 @@ def test_mpcl_preempted_run_resumes_to_identical_weights_and_prototypes(workdir,
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     pa, pb = (torch.load(d / "weights" / "prototypes.pt", weights_only=True) for d in (run_a_dir, run_dir))
     assert torch.equal(pa["prototypes"], pb["prototypes"]) and torch.equal(pa["meta_prototypes"], pb["meta_prototypes"])
+    assert torch.equal(pa["updates"], pb["updates"]) and int(pa["updates"].sum()) > 0

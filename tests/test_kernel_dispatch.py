@@ -69,7 +69,8 @@ def test_tensors_on_two_devices_are_named():
     with pytest.raises(ValueError, match="labels on meta"):
         cosine_cross_entropy(x, w, s, torch.zeros(6, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError, match=r"prototype_ema: all tensors must be on one device.*feats on meta"):
-        prototype_ema(w, x[:, :8].to("meta"), torch.zeros(6, dtype=torch.long), 0.9)
+        prototype_ema(w, torch.zeros(w.shape[0], dtype=torch.long), x[:, :8].to("meta"),
+                      torch.zeros(6, dtype=torch.long), 0.9)
 
 
 def test_kt_prototypes_and_weights_on_two_devices_are_named():

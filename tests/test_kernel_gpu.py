@@ -95,5 +95,8 @@ def test_prototype_ema(B, C, F_, dtype):
     protos = F.normalize(torch.randn(C, F_, device="cuda", generator=g), dim=1)
     feats = torch.randn(B, F_, device="cuda", generator=g).to(dtype)
     labels = torch.randint(0, C, (B,), device="cuda", generator=g)
-    assert_rel_close(prototype_ema(protos, feats, labels, 0.99), prototype_ema_reference(protos, feats, labels, 0.99),
-                     REL_TOL[dtype], "prototypes")
+    seen = torch.randint(0, 200, (C,), device="cuda", generator=g)  # running-mean phase and eq. 1 (m = 0.99)
+    fast, fast_seen = prototype_ema(protos, seen, feats, labels, 0.99)
+    ref, ref_seen = prototype_ema_reference(protos, seen, feats, labels, 0.99)
+    assert_rel_close(fast, ref, REL_TOL[dtype], "prototypes")
+    assert torch.equal(fast_seen, ref_seen)

@@ -105,6 +105,13 @@ def test_neighbours_are_only_classes_with_more_samples():
     literal = plan_augmentation(bank, offsets, centres, num_neighbours=3, literal_inv_m=True, count="balanced")
     torch.testing.assert_close(literal.weights[row], plan.weights[row] / 3)
     torch.testing.assert_close(literal.weights[int(offsets[2])], torch.tensor([1.0, 0.0, 0.0]))
+    # count=paper: the largest class generates too, calibrated towards its own centre only (weight 1)
+    paper = plan_augmentation(bank, offsets, centres, num_neighbours=3, literal_inv_m=True, count="paper")
+    top = slice(int(offsets[0]), int(offsets[1]))
+    assert bool((paper.per_source[top] == 1).all())
+    assert bool((paper.neighbours[top, 0] == 0).all()) and paper.weights[top].tolist() == [[1.0, 0.0, 0.0]] * 50
+    drawn = draw_features(paper, torch.arange(3), alpha=0.2, beta=0.05, beta_form="identity", seed=0)
+    assert bool(torch.isfinite(drawn).all())
 
 
 def test_totals_are_balanced_or_follow_the_paper_formula():
@@ -117,11 +124,11 @@ def test_totals_are_balanced_or_follow_the_paper_formula():
         mine = per_source[labels == c]
         assert mine.numel() == 0 or int(mine.max() - mine.min()) <= 1
     paper = generation_counts(counts, "paper")
-    expected = [0, 2, 11, 33, 49, 99]  # max(⌈100/N_k − 1⌉, 1)
+    expected = [1, 2, 11, 33, 49, 99]  # max(⌈100/N_k − 1⌉, 1): the largest class too makes 1 per feature
     for c, s in enumerate(expected):
         assert set(paper[labels == c].tolist()) == {s}
-    assert set(paper[labels == 7].tolist()) == {0}
-    assert generation_counts(torch.tensor([4, 3]), "paper").tolist() == [0] * 4 + [1] * 3  # ⌈1/3⌉ = 1
+    assert set(paper[labels == 7].tolist()) == {1}
+    assert generation_counts(torch.tensor([4, 3]), "paper").tolist() == [1] * 4 + [1] * 3  # ⌈1/3⌉ = 1
     with pytest.raises(ValueError, match="count"):
         generation_counts(counts, "more")
 

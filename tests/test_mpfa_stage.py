@@ -12,7 +12,8 @@ from stage_fixtures import FEATURE_DIM, make_run_dir, stage_context
 from ltdist.config import ConfigError, load_config, validate_config
 from ltdist.extension import extension_available
 from ltdist.methods import mpfa_retrain
-from ltdist.methods.classifier_set import classifier_path, load_classifier_sets, power_normalise
+from ltdist.methods.classifier_set import LinearScorer, classifier_path, load_classifier_sets, power_normalise
+from ltdist.methods.mpfa import build_bank, empirical_centres
 from ltdist.methods.objectives.mpcl import prototypes_path
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import kt as kt_stage
@@ -37,7 +38,7 @@ def write_meta_prototypes(run_dir) -> torch.Tensor:
 
 def test_kt_and_mpfa_together_report_every_row(tmp_path, capsys):
     run_dir = make_run_dir(tmp_path)
-    write_meta_prototypes(run_dir)
+    meta = write_meta_prototypes(run_dir)
     ctx = stage_context(run_dir, "stages=[kt,mpfa,evaluate]", *FAST)
     kt_stage.run(ctx)
     mpfa_stage.run(ctx)
@@ -61,7 +62,23 @@ def test_kt_and_mpfa_together_report_every_row(tmp_path, capsys):
     # well-separated clusters: the balanced retrain gets the few-shot classes right
     assert report["classifiers"][META]["few"] > 0.9 and report["classifiers"][EMPIRICAL]["few"] > 0.9
     md = (run_dir / "report.md").read_text()
-    assert "mpfa: centres: meta-prototypes" in md and "α = 0.4 (fixed)" in md
+    assert "mpfa: centres: meta-prototypes" in md and "α = 0.2 (fixed)" in md
+    # which centres, how far from the class means; the prototype health of the (MPCL-style) prototypes file
+    note = next(n for n in result.notes if n.startswith("meta-prototype centres vs the class means"))
+    train = torch.load(features_path(run_dir, "train"))
+    means = empirical_centres(*build_bank(train["features"], train["labels"], 6, 0.5))
+    cos = (power_normalise(meta, 0.5) * means).sum(1)[4:]  # the few-shot classes 4 and 5, in the MPFA space
+    assert f"few {float(cos.mean()):.3f} (min {float(cos.min()):.3f})" in note and note in md
+    health = report["prototype_health"]
+    class_mean = F.normalize(torch.zeros(6, FEATURE_DIM).index_add_(0, train["labels"],
+                                                                    F.normalize(train["features"], dim=1)), dim=1)
+    few = (meta * class_mean).sum(1)[4:].mean()
+    assert health["groups"]["few"]["cos_meta_mean"] == pytest.approx(float(few), abs=1e-5)
+    assert len(health["classes"]) == 6
+    assert health["groups"]["all"]["updates"] is None  # a prototypes file without update counts
+    assert "## Prototype health (MPCL)" in md
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["groups"]["few"] for r in records if r.get("event") == "prototype_health"] == [health["groups"]["few"]]
     assert "| Stage 2 |" in capsys.readouterr().out
 
 
@@ -105,8 +122,34 @@ def test_restart_mid_retrain_gives_the_same_classifier(tmp_path, monkeypatch):
     for name, weight in _weights(reference).items():
         assert torch.equal(weight, _weights(interrupted)[name])
     # other settings: the checkpoint is not resumed, the classifier changes
-    mpfa_stage.run(stage_context(interrupted, *overrides, "method.mpfa.alpha=0.2"))
+    mpfa_stage.run(stage_context(interrupted, *overrides, "method.mpfa.alpha=0.4"))
     assert not torch.equal(_weights(interrupted)[EMPIRICAL], _weights(reference)[EMPIRICAL])
+
+
+def test_alpha_auto_is_chosen_on_val_and_never_reads_test(tmp_path):
+    run_dir = make_run_dir(tmp_path)
+    overrides = ("stages=[mpfa]", *FAST, "method.mpfa.alpha=auto")
+    mpfa_stage.run(stage_context(run_dir, *overrides))
+    first = load_classifier_sets(run_dir)["mpfa"]
+    row = first.chosen["rows"][EMPIRICAL]
+    on_val = row["alpha_val_accuracy"]
+    assert list(on_val) == ["0.2", "0.4", "0.6", "0.8", "1.0"] and first.chosen["alpha"] == "auto"
+    assert row["alpha"] == max(mpfa_stage.ALPHA_GRID, key=lambda a: on_val[str(a)])  # ties: the first
+    assert any(n.startswith("α (empirical centres) = ") and "chosen on val" in n for n in first.notes)
+    # poison the test split: noise features labelled by another α's classifier, which scores 100 % on them
+    other = next(a for a in mpfa_stage.ALPHA_GRID if a != row["alpha"])
+    state = torch.load(mpfa_stage.retrain_checkpoint(run_dir, f"empirical-alpha{other:g}"), weights_only=True)
+    rival = LinearScorer("cosine", state["model"]["weight"], None, scale=16.0, feature_power=0.5)
+    test = torch.load(features_path(run_dir, "test"))
+    test["features"] = torch.randn(test["features"].shape, generator=torch.Generator().manual_seed(5))
+    test["labels"] = rival.scores(test["features"]).argmax(1)
+    torch.save(test, features_path(run_dir, "test"))
+    chosen_on_test = (first.rows[EMPIRICAL].scores(test["features"]).argmax(1) == test["labels"]).double().mean()
+    assert float(chosen_on_test) < 1.0  # a choice made on test would move to `other`
+    mpfa_stage.run(stage_context(run_dir, *overrides))
+    again = load_classifier_sets(run_dir)["mpfa"]
+    assert again.chosen["rows"][EMPIRICAL]["alpha"] == row["alpha"]
+    assert torch.equal(again.rows[EMPIRICAL].weight, first.rows[EMPIRICAL].weight)
 
 
 def _rank(rank: int, world_size: int, init_file: str, run_dir: str) -> None:
@@ -152,8 +195,8 @@ def test_one_and_two_sample_classes_an_empty_class_and_a_nan_feature(tmp_path):
     notes = " ".join(result.notes)
     assert "with 1 training feature(s) [3]" in notes and "with 2 training feature(s) [2]" in notes
     assert "classes [4] have no training feature" in notes
-    # paper count: 40 → 40·4, 2 → 2·99, 1 → 199, 12 → 12·16 generated
-    assert result.chosen["rows"][META]["generated"] == 160 + 198 + 199 + 192
+    # paper count, max{⌈N_1/N_k − 1⌉, 1}: 200 → 200·1, 40 → 40·4, 2 → 2·99, 1 → 199, 12 → 12·16 generated
+    assert result.chosen["rows"][META]["generated"] == 200 + 160 + 198 + 199 + 192
 
     train = torch.load(features_path(run_dir, "train"))
     train["features"][5, 1] = float("nan")
@@ -163,10 +206,14 @@ def test_one_and_two_sample_classes_an_empty_class_and_a_nan_feature(tmp_path):
 
 
 def test_config_rejects_bad_mpfa_values():
-    bad = {"centres": "mean", "beta_form": "diagonal", "count": "more", "classifier": "mlp", "scale": "0",
-           "batch_size": "0", "group_draws": "0", "lr": "0", "momentum": "1.0", "weight_decay": "-1"}
+    bad = {"alpha": "often", "centres": "mean", "beta_form": "diagonal", "count": "more", "classifier": "mlp",
+           "scale": "0", "batch_size": "0", "group_draws": "0", "lr": "0", "momentum": "1.0", "weight_decay": "-1"}
     with pytest.raises(ConfigError) as info:
         validate_config(load_config(overrides=[f"method.mpfa.{k}={v}" for k, v in bad.items()]))
     for key in bad:
         assert f"method.mpfa.{key}:" in str(info.value)
     validate_config(load_config(overrides=["method.mpfa.centres=meta", "method.mpfa.count=paper"]))
+    for alpha in ("auto", "0", "1", "0.6"):
+        validate_config(load_config(overrides=[f"method.mpfa.alpha={alpha}"]))
+    with pytest.raises(ConfigError, match=r"method\.mpfa\.alpha: must be a number in \[0, 1\] or 'auto'"):
+        validate_config(load_config(overrides=["method.mpfa.alpha=1.5"]))

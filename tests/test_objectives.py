@@ -58,6 +58,7 @@ def test_zero_meta_gradient_configs_are_refused():
 def _objective(meta_network: bool, **kw) -> MPCLObjective:
     args = dict(num_classes=3, feature_dim=4, lam=0.5, tau=0.07, momentum=0.9, warmup_epochs=2,
                 meta_network=meta_network, meta_inner="last_stage", meta_optimizer="sgd", meta_lr=1e-3, meta_hidden=8,
+                meta_init_std=0.0,
                 meta_interval=1, meta_set=None, meta_batch_size=0, seed=0, rank=0, image_size=8, channels=1,
                 device=torch.device("cpu"), dtype=torch.float32)
     return MPCLObjective(**{**args, **kw})
@@ -70,7 +71,7 @@ def test_warmup_epochs_use_cross_entropy_only():
     objective.after_micro_step(features, labels)
     ce = F.cross_entropy(logits, labels)
     torch.testing.assert_close(objective.loss(features, logits, labels, epoch=1), ce)
-    pc = prototype_contrastive_loss(features, labels, objective.prototypes, 0.07)
+    pc = prototype_contrastive_loss(features, labels, objective.unit_prototypes(), 0.07)
     assert float(pc) > 0
     torch.testing.assert_close(objective.loss(features, logits, labels, epoch=2), ce + 0.5 * pc)
     assert set(objective.metrics()) == {"loss_ce", "loss_pc", "meta_steps"}
@@ -135,7 +136,8 @@ def _ema_rank(rank: int, port: int, queue) -> None:
     for step in range(3):
         gen = torch.Generator().manual_seed(100 * step + rank)
         objective.after_micro_step(torch.randn(5, 4, generator=gen), torch.randint(0, 3, (5,), generator=gen))
-    queue.put((rank, objective.prototypes))
+    # plain lists: a tensor crosses the queue as a shared file descriptor, which dies with this process
+    queue.put((rank, objective.prototypes.tolist(), objective.updates.tolist()))
     dist.destroy_process_group()
 
 
@@ -145,21 +147,66 @@ def test_ema_prototypes_identical_on_two_ranks_and_equal_a_python_loop():
     procs = [ctx.Process(target=_ema_rank, args=(rank, port, queue)) for rank in range(2)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
+    results = {rank: (torch.tensor(protos), torch.tensor(updates))
+               for rank, protos, updates in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(60)
-    assert torch.equal(results[0], results[1])
-    protos = torch.zeros(3, 4, dtype=torch.float64)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    # 30 samples over 3 classes with m = 0.9: the running mean up to a class's 10th update, eq. 1 after
+    protos, seen = torch.zeros(3, 4, dtype=torch.float64), [0, 0, 0]
     for step in range(3):
         batch = [torch.Generator().manual_seed(100 * step + rank) for rank in range(2)]
         parts = [(torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g)) for g in batch]
         z = F.normalize(torch.cat([f for f, _ in parts]).double(), dim=1)
-        y = torch.cat([label for _, label in parts])
-        for i in range(len(y)):  # rank 0's samples first, then rank 1's, each in batch order
-            protos[y[i]] = 0.9 * protos[y[i]] + 0.1 * z[i]
-        for k in set(y.tolist()):
-            protos[k] = F.normalize(protos[k], dim=0)
-    torch.testing.assert_close(results[0].double(), protos, rtol=1e-5, atol=1e-6)
+        y = torch.cat([label for _, label in parts]).tolist()
+        for i, k in enumerate(y):  # rank 0's samples first, then rank 1's, each in batch order
+            seen[k] += 1
+            if seen[k] <= 10:
+                protos[k] = protos[k] * (seen[k] - 1) / seen[k] + z[i] / seen[k]
+            else:
+                protos[k] = 0.9 * protos[k] + 0.1 * z[i]
+    assert max(seen) > 10  # both phases are exercised
+    assert results[0][1].tolist() == seen
+    torch.testing.assert_close(results[0][0].double(), protos, rtol=1e-5, atol=1e-6)
+
+
+def _unit_sphere_eq1(first_and_rest: torch.Tensor, m: float) -> torch.Tensor:
+    """Eq. 1 as MoPro applies it (and ltdist did before): c starts at the first sample, then
+    c ← normalise(m c + (1−m) z) per sample."""
+    c = F.normalize(first_and_rest[0], dim=0)
+    for z in first_and_rest[1:]:
+        c = F.normalize(m * c + (1 - m) * z, dim=0)
+    return c
+
+
+def test_tail_prototype_tracks_its_class_after_one_epoch():
+    """One epoch of instance sampling (every image once, shuffled) training a tiny ResNet with MPCL (CE only,
+    the warm-up): class 9 has 6 images. Its prototype points along the mean of the 6 features it was updated
+    with; eq. 1 on the unit sphere from the first sample does not."""
+    torch.manual_seed(0)
+    counts = [200, 120, 70, 40, 25, 16, 12, 9, 7, 6]
+    gen = torch.Generator().manual_seed(3)
+    templates = torch.randn(10, 1, 8, 8, generator=gen)
+    labels = torch.cat([torch.full((n,), k) for k, n in enumerate(counts)])
+    images = templates[labels] + 0.8 * torch.randn(len(labels), 1, 8, 8, generator=gen)
+    model = build_model("resnet8", num_classes=10, channels=1).train()
+    objective = _objective(False, num_classes=10, feature_dim=model.feature_dim, momentum=0.999, warmup_epochs=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    seen = []
+    for batch in torch.randperm(len(labels), generator=gen).split(32):
+        logits, features = model(images[batch], return_features=True)
+        loss = objective.loss(features, logits, labels[batch], epoch=0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        objective.after_micro_step(features.detach(), labels[batch])
+        seen.append(F.normalize(features.detach()[labels[batch] == 9], dim=1))
+    seen = torch.cat(seen)
+    assert len(seen) == 6 and int(objective.updates[9]) == 6
+    assert objective.updates.tolist() == counts
+    mean = seen.mean(0)
+    assert float(F.cosine_similarity(objective.unit_prototypes()[9], mean, dim=0)) >= 0.999
+    assert float(F.cosine_similarity(_unit_sphere_eq1(seen, 0.999), mean, dim=0)) < 0.99
 
 
 def test_objective_benchmark_runs_every_case(tmp_path):

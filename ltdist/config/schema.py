@@ -110,9 +110,12 @@ class MPCLConfig:
     warmup_epochs: int = 5  # CE-only epochs before L_PC is switched on (prototypes are updated throughout)
     meta_network: bool = True  # false: CE + L_PC with the empirical EMA prototypes (no meta step)
     meta_inner: str = "last_stage"  # last_stage | all: parameters of the virtual SGD step
-    meta_optimizer: str = "sgd"  # sgd (eq. 7: Θ ← Θ − meta_lr·∇Θ) | adam
+    # sgd (eq. 7: Θ ← Θ − meta_lr·∇Θ) | sgd_normalised (eq. 7's direction, a step of length meta_lr:
+    # Θ ← Θ − meta_lr·∇Θ/‖∇Θ‖) | adam
+    meta_optimizer: str = "sgd"
     meta_lr: float = 1e-3  # step size of the meta-network Θ
     meta_hidden: int = 256  # hidden width of the meta-network
+    meta_init_std: float = 0.0  # std of the normal init of C's last layer (0: zeros, ĉ = c at the start)
     meta_interval: int = 1  # optimizer steps between meta steps
     meta_source: str = "val"  # val | train: where the balanced meta set comes from (never test)
     meta_per_class: int = 10  # images per class in the balanced meta set
@@ -124,7 +127,9 @@ class MPFAConfig:
     """Stage ``mpfa``: meta-prototype feature augmentation and the balanced classifier retrain."""
 
     centres: str = "auto"  # meta | empirical | auto (meta-prototypes of an MPCL run when present)
-    alpha: float = 0.4  # calibration strength α of eq. 10 (fixed; the paper's adaptive α is unspecified)
+    # Calibration strength α of eq. 10: a number in [0, 1] (default 0.2, the paper's initial value), or
+    # "auto": one retrain per α in ALPHA_GRID, the best mean per-class top-1 on val kept (never test).
+    alpha: Any = 0.2
     beta: float = 0.05  # spread β of eq. 10
     beta_form: str = "identity"  # identity: + β·I | all_entries: + β in every entry of Σ
     neighbours: int = 3  # M: neighbour classes with more samples

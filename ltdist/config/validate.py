@@ -153,7 +153,8 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.method.loss == "mpcl" and mpcl.meta_network and mpcl.lam == 0:
         problems.append("method.mpcl.lam: λ = 0 removes L_PC, the only term where the meta-network enters: its "
                         "meta-gradient is identically zero (set method.mpcl.meta_network=false for plain CE)")
-    one_of("method.mpcl.meta_optimizer", ("sgd", "adam"))
+    one_of("method.mpcl.meta_optimizer", ("sgd", "sgd_normalised", "adam"))
+    check("method.mpcl.meta_init_std", non_negative, "must be ≥ 0 (0 = a zero last layer)")
     check("method.mpcl.meta_lr", positive, "must be > 0")
     check("method.mpcl.meta_hidden", at_least_one, "must be ≥ 1")
     check("method.mpcl.meta_interval", at_least_one, "must be ≥ 1 optimizer step")
@@ -167,7 +168,9 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.method.loss == "mpcl" and mpcl.warmup_epochs >= cfg.trainer.epochs:
         problems.append(f"method.mpcl.warmup_epochs: {mpcl.warmup_epochs} CE-only epochs of "
                         f"trainer.epochs={cfg.trainer.epochs}: L_PC would never be switched on")
-    check("method.mpfa.alpha", unit_interval, "must be in [0, 1]")
+    alpha = cfg.method.mpfa.alpha
+    if alpha != "auto" and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 <= alpha <= 1):
+        problems.append(f"method.mpfa.alpha: must be a number in [0, 1] or 'auto' (chosen on val), got {alpha!r}")
     check("method.mpfa.beta", non_negative, "must be ≥ 0")
     check("method.mpfa.neighbours", at_least_one, "must be ≥ 1")
     check("method.mpfa.tukey", positive, "Tukey power must be > 0")

@@ -47,7 +47,8 @@ def _synthetic_meta_set(num_classes: int, per_class: int, size: int, channels: i
 def _objectives(feature_dim: int, num_classes: int, size: int, channels: int) -> dict[str, TrainingObjective]:
     meta_set = _synthetic_meta_set(num_classes, 10, size, channels)
     common = dict(num_classes=num_classes, feature_dim=feature_dim, lam=0.5, tau=0.07, momentum=0.999,
-                  warmup_epochs=0, meta_optimizer="sgd", meta_lr=1e-3, meta_hidden=256, meta_interval=1,
+                  warmup_epochs=0, meta_optimizer="sgd", meta_lr=1e-3, meta_hidden=256, meta_init_std=0.0,
+                  meta_interval=1,
                   meta_set=meta_set, meta_batch_size=0, seed=0, rank=0, image_size=size, channels=channels,
                   device=torch.device("cpu"), dtype=torch.float32)
     return {"ce": cross_entropy(),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ltdist.evaluate.bins import CountBin, binned_accuracy, count_bins, format_range
 from ltdist.evaluate.groups import GROUPS
+from ltdist.evaluate.prototype_health import health_markdown
 
 COLUMNS = (*GROUPS, "all")
 
@@ -100,7 +101,7 @@ def write_report(out_dir: Path, *, dataset: str, groups: dict[str, list[int]],
                  train_counts: Sequence[int], tables: dict[str, Sequence[TableSection]],
                  notes: Sequence[str] = (), plots: Sequence[Path] = (),
                  labels: dict[str, str] | None = None, per_class_rows_max: int | None = None,
-                 extra: dict | None = None) -> Path:
+                 prototype_health: dict | None = None, extra: dict | None = None) -> Path:
     """Write report.json, per_class_accuracy.json / .csv and report.md into ``out_dir``; return report.md's path.
 
     Args:
@@ -114,6 +115,8 @@ def write_report(out_dir: Path, *, dataset: str, groups: dict[str, list[int]],
         labels: classifier name → its text in the Markdown tables (default: the name).
         per_class_rows_max: with more classes than this, report.md bins the classes by training count
             instead of a row per class, and report.json gains "count_bins"; None: a row per class at any C.
+        prototype_health: an MPCL run's :func:`ltdist.evaluate.prototype_health.prototype_health`, or None:
+            report.json's "prototype_health" and a report.md section.
         extra: more top-level entries of report.json (e.g. "weights": what the backbone started from).
     """
     missing = [name for section in (s for t in tables.values() for s in t) for name in section.classifiers
@@ -126,6 +129,8 @@ def write_report(out_dir: Path, *, dataset: str, groups: dict[str, list[int]],
               "classifiers": {name: {c: acc[c] for c in COLUMNS} for name, acc in results.items()}, **(extra or {})}
     if binned:
         report["count_bins"] = _bin_summary(count_bins(train_counts), per_class)
+    if prototype_health is not None:
+        report["prototype_health"] = prototype_health
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "per_class_accuracy.json").write_text(json.dumps(
         {"train_counts": [int(n) for n in train_counts],
@@ -148,6 +153,8 @@ def write_report(out_dir: Path, *, dataset: str, groups: dict[str, list[int]],
             cells = [_percent(_finite_or_none(values[c])) for values in per_class.values()]
             md.append(f"| {c} | {int(n)} | {group_of.get(c, '')} | " + " | ".join(cells) + " |")
         md.append("")
+    if prototype_health is not None:
+        md += health_markdown(prototype_health)
     if plots:
         md += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in plots] + [""]
     path = out_dir / "report.md"

@@ -23,15 +23,18 @@ these features keeps T (``LinearScorer.feature_power``), so evaluate scores test
 - μ_i = (1−α) z̃_i + α Σ_j w_ij ĉ_j;  Σ_i = (1−α)² Σ_o + α² Σ_j w_ij Σ_j + B (eq. 10), with
   Σ_k = (1/(N_k−1)) Σ_{f∈k} (f − ĉ_k)(f − ĉ_k)ᵀ (eq. 9, the scatter around the centre, not the mean)
   and B = β·I (``beta_form=identity``: an isotropic spread) or β·11ᵀ (``all_entries``: β added to
-  every entry of Σ, as the distribution-calibration reference code does). α is fixed.
+  every entry of Σ, as the distribution-calibration reference code does). α is one value for all
+  classes (``method.mpfa.alpha``; the stage can choose it on val).
 
 Σ_k is never formed as d×d: ``ltdist._C::calibrated_sample`` draws through the centred class
 features themselves (:mod:`ltdist.kernels.calibrated_sampler`); memory is the bank.
 
 **How many** (``method.mpfa.count``): ``balanced`` brings every class to N_1 features, spreading its
 N_1 − N_k generated features evenly over its N_k real ones (the first (N_1 − N_k) mod N_k real
-features make one more); ``paper`` lets each real feature of a class with N_k < N_1 make
-max(⌈N_1/N_k − 1⌉, 1) features. The largest classes generate nothing.
+features make one more), and the largest classes generate nothing; ``paper`` follows
+s_new = max{⌈N_1/N_k − 1⌉, 1} literally: every real feature of every class makes at least one, the
+largest class included. A largest class has no class with more samples to borrow from, so its only
+"neighbour" is itself (weight 1): μ = (1−α) z̃ + α ĉ_o, Σ = ((1−α)² + α²) Σ_o + B.
 
 **Edge cases.** A class with 1 feature has no scatter (Σ_o = 0): its features spread by the
 neighbours' scatter and B only. A class with 2 features has a rank-1 scatter. A class with no
@@ -102,7 +105,7 @@ def generation_counts(counts: torch.Tensor, mode: str) -> torch.Tensor:
     Args:
         counts: [C] int64 real features per class.
         mode: ``balanced`` (class k gets N_1 − N_k, spread evenly) or ``paper`` (max(⌈N_1/N_k − 1⌉, 1)
-            per real feature of every class with N_k < N_1).
+            per real feature of every class, the largest included).
     Returns:
         per_source [N] int64: row r of the grouped bank (class k, i-th of its rows) makes per_source[r].
     """
@@ -116,8 +119,7 @@ def generation_counts(counts: torch.Tensor, mode: str) -> torch.Tensor:
         missing = n1 - n_k
         return missing // n_k + (position < missing % n_k).long()
     if mode == "paper":
-        per_feature = torch.clamp((n1 - n_k + n_k - 1) // n_k, min=1)  # integer ⌈(N_1 − N_k)/N_k⌉
-        return torch.where(n_k < n1, per_feature, torch.zeros_like(per_feature))
+        return torch.clamp((n1 - n_k + n_k - 1) // n_k, min=1)  # integer ⌈(N_1 − N_k)/N_k⌉, at least 1
     raise ValueError(f"mpfa: count must be 'balanced' or 'paper', got {mode!r}")
 
 
@@ -176,12 +178,13 @@ def select_neighbours(bank: torch.Tensor, labels: torch.Tensor, centres: torch.T
 
     Args:
         bank: [N, d] rows z̃_i; labels: [N] their classes; centres: [C, d]; counts: [C] real features.
-        generating: [N] bool, rows that generate features (they need 0 < N_o < N_1).
+        generating: [N] bool, rows that generate features.
         num_neighbours: M; literal_inv_m: divide the softmax weights by the number of neighbours.
     Returns:
         neighbours [N, M] int64, weights [N, M] float32. Only classes with more training features
         than the row's class qualify; unused slots repeat the first neighbour with weight 0; rows
-        that do not generate get their own class with weight 0.
+        that do not generate get their own class with weight 0; generating rows of a largest class
+        (``count=paper``), for which no class qualifies, get their own class with weight 1.
     """
     num_rows, num_classes = bank.shape[0], centres.shape[0]
     m = min(num_neighbours, num_classes)
@@ -198,6 +201,8 @@ def select_neighbours(bank: torch.Tensor, labels: torch.Tensor, centres: torch.T
         sim = sim.masked_fill(~eligible, float("-inf"))
         top, index = sim.topk(m, dim=1)
         valid = torch.isfinite(top)  # a row of a class below N_1 always has the largest class eligible
+        alone = ~valid[:, 0]  # a largest class: itself as the one neighbour
+        top[alone, 0], index[alone, 0], valid[alone, 0] = 0.0, labels[rows][alone], True
         w = torch.softmax(top, dim=1)  # exp(−inf) = 0: ineligible slots get no weight
         if literal_inv_m:
             w = w / valid.sum(dim=1, keepdim=True)

@@ -6,7 +6,10 @@ w_h(k) for each k, their ensemble (eq. 8) and the continual classifiers w_hc(k) 
 (paper 1 Table 2: prototypes and w_hc(k) for every k but the smallest) — and every row of every other
 stage-2 file (:class:`ltdist.methods.classifier_set.ClassifierSet`: crt, tau_norm, mpfa, ...). It
 writes ``report.json``, ``per_class_accuracy.json`` / ``.csv``, ``report.md`` and ``plots/*.png``
-(:mod:`ltdist.evaluate`) and prints the tables and the report path. With more than
+(:mod:`ltdist.evaluate`) and prints the tables and the report path. After an MPCL train stage
+(``weights/prototypes.pt``) it also reports the prototype health
+(:mod:`ltdist.evaluate.prototype_health`) in report.json / report.md and as a metrics.jsonl record
+``{"stage": "evaluate", "event": "prototype_health", ...}``. With more than
 ``evaluate.per_class_rows_max`` classes, report.md and the per-class plot bin the classes by training
 count, and ``plots/accuracy_histogram.png`` shows the spread of per-class top-1 within each group.
 """
@@ -32,8 +35,10 @@ from ltdist.evaluate import (
     plot_per_class_accuracy,
     write_report,
 )
+from ltdist.evaluate.prototype_health import prototype_health
 from ltdist.methods.classifier_set import KT_FILE, ClassifierSet, head_scorer, load_classifier_sets
 from ltdist.methods.kt import KTClassifiers, cosine_probabilities
+from ltdist.methods.objectives.mpcl import load_prototypes
 from ltdist.models.weights import read_weights_record
 from ltdist.stages import StageContext
 from ltdist.stages.extract import load_features
@@ -162,12 +167,13 @@ def head_classifier_set(run_dir: Path) -> ClassifierSet:
 
 def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test: dict, train_counts: list[int], *,
                  dataset: str, out_dir: Path, many_threshold: int, few_threshold: int, per_class_rows_max: int,
-                 device: torch.device | str = "cpu", weights: dict | None = None) -> tuple[Path, str]:
+                 device: torch.device | str = "cpu", health: dict | None = None,
+                 weights: dict | None = None) -> tuple[Path, str]:
     """Score every classifier, write the report files and plots into ``out_dir``; return (report.md, tables).
 
     Past ``per_class_rows_max`` classes the per-class table and plot are binned by training count.
     ``weights``: where the backbone's weights came from (``weights/source.json``), kept in report.json and
-    named in report.md's notes.
+    named in report.md's notes. ``health``: the run's prototype health for the report, or None.
     """
     num_classes = len(train_counts)
     groups = class_groups(train_counts, many_threshold, few_threshold)
@@ -222,7 +228,8 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
                  plot_group_bars(plot_dir / "group_accuracy.png", results)]
     path = write_report(out_dir, dataset=dataset, groups=groups, results=results, per_class=per_class,
                         train_counts=train_counts, tables=tables, notes=notes, plots=plots, labels=row_labels,
-                        per_class_rows_max=per_class_rows_max, extra={"weights": weights} if weights else None)
+                        per_class_rows_max=per_class_rows_max, prototype_health=health,
+                        extra={"weights": weights} if weights else None)
     printed = "\n\n".join(f"{title}\n{format_table(results, sections, row_labels)}"
                            for title, sections in tables.items())
     return path, printed
@@ -244,10 +251,19 @@ def run(ctx: StageContext) -> None:
         else:
             num_classes = next(iter(sets.values())).num_classes
             counts = torch.bincount(load_features(ctx.run_dir, "train")["labels"], minlength=num_classes).tolist()
+        health = None
+        protos = load_prototypes(ctx.run_dir)
+        if protos is not None:
+            train = load_features(ctx.run_dir, "train")
+            groups = class_groups(counts, cfg.evaluate.many_threshold, cfg.evaluate.few_threshold)
+            health = prototype_health(protos["prototypes"], protos.get("meta_prototypes"), protos.get("updates"),
+                                      train["features"], train["labels"], test, groups,
+                                      cfg.evaluate.per_class_rows_max)
+            ctx.append_metrics({"stage": "evaluate", "event": "prototype_health", **health})
         path, printed = evaluate_run(kt, sets, test, counts, dataset=cfg.data.name, out_dir=ctx.run_dir,
                                      many_threshold=cfg.evaluate.many_threshold,
                                      few_threshold=cfg.evaluate.few_threshold,
                                      per_class_rows_max=cfg.evaluate.per_class_rows_max, device=ctx.dist.device,
-                                     weights=read_weights_record(ctx.run_dir / "weights"))
+                                     health=health, weights=read_weights_record(ctx.run_dir / "weights"))
         print(f"{printed}\n\nreport: {path}", flush=True)
     barrier()

@@ -14,23 +14,31 @@ source is one retrain (:mod:`ltdist.methods.mpfa`, :mod:`ltdist.methods.mpfa_ret
 - "MPFA + KT ensemble": mean softmax of the first row and the KT ensemble, when ``classifiers/kt.pt``
   exists (``stages=[train, extract, kt, mpfa, evaluate]``).
 
+α (``method.mpfa.alpha``) is one number, default 0.2 (paper 2's initial value), or ``auto``: each
+centre source is retrained once per α in :data:`ALPHA_GRID` and the row keeps the α with the best mean
+per-class top-1 on val (:func:`ltdist.methods.classifier_set.select_on_val`; without a val split the
+default 0.2). The test split is never read here.
+
 A class with no training feature keeps no retrained row: its row is its meta-prototype (meta
 centres) or zero (a zero cosine score; for a linear classifier also the smallest trained bias).
-Retrain checkpoints live in ``mpfa/retrain-<centres>.pt``: a re-run resumes (or, when complete,
+Retrain checkpoints live in ``mpfa/retrain-<centres>.pt`` (``retrain-<centres>-alpha<α>.pt`` under
+``alpha=auto``): a re-run resumes (or, when complete,
 returns at once) as long as settings and inputs are unchanged.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ltdist.methods.classifier_set import ClassifierSet, FrozenInputs, LinearScorer, run_on_all_ranks
+from ltdist.evaluate import GROUPS, class_groups
+from ltdist.methods.classifier_set import ClassifierSet, FrozenInputs, LinearScorer, run_on_all_ranks, select_on_val
 from ltdist.methods.mpfa import build_bank, empirical_centres, meta_centres, plan_augmentation
 from ltdist.methods.mpfa_retrain import RetrainSettings, retrain
-from ltdist.methods.objectives.mpcl import prototypes_path
+from ltdist.methods.objectives.mpcl import load_prototypes
 from ltdist.stages import StageContext
 from ltdist.stages.kt import classifiers_path as kt_path
 
@@ -38,18 +46,22 @@ log = logging.getLogger(__name__)
 
 ROWS = {"meta": "MPFA (meta-prototypes)", "empirical": "TailCalibX-style (empirical centres)"}
 ENSEMBLE = "MPFA + KT ensemble"
+ALPHA_GRID = (0.2, 0.4, 0.6, 0.8, 1.0)  # method.mpfa.alpha=auto (paper 2, Fig. 4b)
+ALPHA_DEFAULT = 0.2  # paper 2's initial α; alpha=auto falls back to it without a val split
 
 
-def retrain_checkpoint(run_dir: Path, source: str) -> Path:
-    return Path(run_dir) / "mpfa" / f"retrain-{source}.pt"
+def retrain_checkpoint(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / "mpfa" / f"retrain-{name}.pt"
+
+
+def alpha_candidates(alpha) -> list[float]:
+    """The α values to retrain with: ``ALPHA_GRID`` for ``auto``, else the one number."""
+    return list(ALPHA_GRID) if alpha == "auto" else [float(alpha)]
 
 
 def load_meta_prototypes(run_dir: Path) -> torch.Tensor | None:
     """``meta_prototypes`` [C, F] float32 of ``weights/prototypes.pt``, or None when absent."""
-    path = prototypes_path(run_dir)
-    if not path.is_file():
-        return None
-    meta = torch.load(path, map_location="cpu", weights_only=True).get("meta_prototypes")
+    meta = (load_prototypes(run_dir) or {}).get("meta_prototypes")
     return None if meta is None else meta.float()
 
 
@@ -73,7 +85,8 @@ def settings_from(cfg) -> RetrainSettings:
     m = cfg.method.mpfa
     return RetrainSettings(classifier=m.classifier, scale=float(m.scale), epochs=int(m.epochs),
                            batch_size=int(m.batch_size), lr=float(m.lr), momentum=float(m.momentum),
-                           weight_decay=float(m.weight_decay), alpha=float(m.alpha), beta=float(m.beta),
+                           weight_decay=float(m.weight_decay), alpha=alpha_candidates(m.alpha)[0],
+                           beta=float(m.beta),
                            beta_form=m.beta_form, tukey=float(m.tukey), seed=int(cfg.trainer.seed),
                            group_draws=int(m.group_draws))
 
@@ -107,6 +120,18 @@ def input_notes(counts: torch.Tensor, negative: bool, settings: RetrainSettings,
     return notes
 
 
+def centre_distance_note(centres: torch.Tensor, means: torch.Tensor, counts: torch.Tensor,
+                         groups: dict[str, list[int]]) -> str:
+    """How far the meta-prototype centres [C, d] lie from the class means [C, d] (MPFA space), per group."""
+    cos = (centres * means).sum(1).cpu()
+    parts = []
+    for group in GROUPS:
+        ids = [k for k in groups[group] if counts[k] > 0]
+        if ids:
+            parts.append(f"{group} {float(cos[ids].mean()):.3f} (min {float(cos[ids].min()):.3f})")
+    return "meta-prototype centres vs the class means (MPFA space), mean cosine: " + ", ".join(parts)
+
+
 def build(ctx: StageContext, inputs: FrozenInputs) -> ClassifierSet:
     cfg = ctx.cfg.method.mpfa
     settings = settings_from(ctx.cfg)
@@ -120,28 +145,46 @@ def build(ctx: StageContext, inputs: FrozenInputs) -> ClassifierSet:
     del raw
     rows: dict[str, LinearScorer] = {}
     chosen: dict = {"centres": sources[0], "rows": {}}
+    means = empirical_centres(bank, offsets)
+    groups = class_groups(counts.tolist(), ctx.cfg.evaluate.many_threshold, ctx.cfg.evaluate.few_threshold)
     for source in sources:
         if source == "meta":
             centres = meta_centres(meta.to(bank.device), inputs.num_classes, bank.shape[1], settings.tukey)
+            notes.append(centre_distance_note(centres, means, counts, groups))
         else:
-            centres = empirical_centres(bank, offsets)
+            centres = means
         plan = plan_augmentation(bank, offsets, centres, num_neighbours=int(cfg.neighbours),
                                  literal_inv_m=bool(cfg.literal_inv_m), count=cfg.count)
         log.info("mpfa %s: %d real + %d generated features, %d steps per epoch", source, plan.num_real,
                  plan.generated, -(-plan.size // settings.batch_size))
-        scorer = retrain(plan, settings, rank=ctx.dist.rank, world_size=ctx.dist.world_size, val=inputs.val,
-                         checkpoint=retrain_checkpoint(ctx.run_dir, source), name=source)
-        apply_empty_class_fallback(scorer, counts == 0, centres if source == "meta" else None)
-        rows[ROWS[source]] = scorer
-        chosen["rows"][ROWS[source]] = {"centres": source, "generated": plan.generated}
+        alphas = alpha_candidates(cfg.alpha)
+        scorers: dict[float, LinearScorer] = {}
+        for alpha in alphas:
+            name = source if len(alphas) == 1 else f"{source}-alpha{alpha:g}"
+            scorer = retrain(plan, replace(settings, alpha=alpha), rank=ctx.dist.rank,
+                             world_size=ctx.dist.world_size, val=inputs.val,
+                             checkpoint=retrain_checkpoint(ctx.run_dir, name), name=name)
+            apply_empty_class_fallback(scorer, counts == 0, centres if source == "meta" else None)
+            scorers[alpha] = scorer
+        if len(alphas) > 1:
+            alpha, on_val, note = select_on_val(scorers, inputs.val, ALPHA_DEFAULT, f"α ({source} centres)")
+            notes.append(note)
+        else:
+            alpha, on_val = alphas[0], {}
+        rows[ROWS[source]] = scorers[alpha]
+        chosen["rows"][ROWS[source]] = {"centres": source, "generated": plan.generated, "alpha": alpha,
+                                        "alpha_val_accuracy": on_val}
     ensembles = {}
     if kt_path(ctx.run_dir).is_file():
         ensembles[ENSEMBLE] = [ROWS[sources[0]], "kt/ensemble"]
-    notes.append(f"α = {settings.alpha:g} (fixed), β = {settings.beta:g} ({settings.beta_form}), "
+    alpha_text = (f"α chosen on val from {list(ALPHA_GRID)}" if cfg.alpha == "auto"
+                  else f"α = {settings.alpha:g} (fixed)")
+    notes.append(f"{alpha_text}, β = {settings.beta:g} ({settings.beta_form}), "
                  f"M = {cfg.neighbours}, Tukey λ = {settings.tukey:g}, count = {cfg.count}, "
                  f"{settings.classifier} classifier retrained {settings.epochs} epochs")
-    chosen.update(alpha=settings.alpha, beta=settings.beta, beta_form=settings.beta_form,
-                  neighbours=int(cfg.neighbours), literal_inv_m=bool(cfg.literal_inv_m), count=cfg.count)
+    chosen.update(alpha=cfg.alpha if cfg.alpha == "auto" else settings.alpha, beta=settings.beta,
+                  beta_form=settings.beta_form, neighbours=int(cfg.neighbours),
+                  literal_inv_m=bool(cfg.literal_inv_m), count=cfg.count)
     return ClassifierSet("mpfa", rows, ensembles=ensembles, chosen=chosen, notes=notes)
 
 

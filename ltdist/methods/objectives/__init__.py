@@ -67,7 +67,7 @@ def build_objective(cfg: DictConfig, *, num_classes: int, feature_dim: int, trai
         return MPCLObjective(num_classes=num_classes, feature_dim=feature_dim, lam=m.lam, tau=m.tau,
                              momentum=m.momentum, warmup_epochs=m.warmup_epochs, meta_network=m.meta_network,
                              meta_inner=m.meta_inner, meta_optimizer=m.meta_optimizer, meta_lr=m.meta_lr,
-                             meta_hidden=m.meta_hidden,
+                             meta_hidden=m.meta_hidden, meta_init_std=m.meta_init_std,
                              meta_interval=m.meta_interval, meta_set=meta_set, meta_batch_size=m.meta_batch_size,
                              seed=cfg.trainer.seed, rank=rank, image_size=cfg.data.image_size,
                              channels=cfg.data.channels, device=device, dtype=dtype)
