@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from data_fixtures import FMNIST_LT_IF1000_TRAIN, fmnist_lt  # noqa: F401
+from data_fixtures import FMNIST_LT_IF1000_PROFILE, FMNIST_LT_IF1000_TRAIN, fmnist_lt  # noqa: F401
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -35,13 +35,13 @@ def test_fashion_mnist_lt_if1000_counts(fmnist_lt):  # noqa: F811
     index = read_index(fmnist_lt)
     assert index.train_counts == FMNIST_LT_IF1000_TRAIN
     assert index.counts["test"] == [1000] * 10
-    # Class 0 keeps all 6000 of its train images, so no held-out val image is left for it.
-    assert index.counts["val"] == [0] + [20] * 9
+    # Val is reserved first, so it holds every class: class 0 trains on 5980 of its 6000 images.
+    assert index.counts["val"] == [20] * 10 and index.build["val_every_class"] is True
     valid, skips = scan_split(index, "train", channels=1)
     assert [valid[j] for j in range(10)] == FMNIST_LT_IF1000_TRAIN and not skips
     train, val = read_back(fmnist_lt, "train"), read_back(fmnist_lt, "val")
     assert not set(train) & set(val)
-    assert len(train) == sum(FMNIST_LT_IF1000_TRAIN) and len(val) == 180
+    assert len(train) == sum(FMNIST_LT_IF1000_TRAIN) and len(val) == 200
     shard = index.split_shards("train")[3]
     assert file_sha256(index.root / shard.file) == shard.sha256
     shard_keys = [s["__key__"] for s in wds.WebDataset(str(index.root / shard.file), shardshuffle=False)]
@@ -55,7 +55,7 @@ def test_fashion_mnist_lt_if1000_counts(fmnist_lt):  # noqa: F811
 
 
 def test_profiles():
-    assert profile_counts(6000, 10, 1000, "exp") == FMNIST_LT_IF1000_TRAIN
+    assert profile_counts(6000, 10, 1000, "exp") == FMNIST_LT_IF1000_PROFILE
     assert profile_counts(500, 100, 100, "exp")[::33] == [int(500 * 100 ** (-i / 99)) for i in range(0, 100, 33)]
     pareto = profile_counts(5000, 10, 100, "pareto")
     assert pareto[0] == 5000 and pareto[-1] == 50 and pareto == sorted(pareto, reverse=True)
@@ -87,8 +87,8 @@ def test_cifar10_lt_via_cli(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(out / "index.json")
     index = read_index(out)
     assert index.classes == [f"name{j}" for j in range(10)]
-    assert index.train_counts == [int(40 * 10 ** (-i / 9)) for i in range(10)]
-    assert index.counts["val"] == [0] + [3] * 9 and sum(index.counts["test"]) == 30
+    assert index.train_counts == [37] + [int(40 * 10 ** (-i / 9)) for i in range(1, 10)]  # class 0 gave 3 to val
+    assert index.counts["val"] == [3] * 10 and sum(index.counts["test"]) == 30
     assert index.build["imbalance"] == 10.0 and index.build["seed"] == 5
     train = read_back(out, "train")
     for key, sample in train.items():
@@ -204,13 +204,20 @@ def test_ensure_shards_builds_once_and_checks_the_build(tmp_path):
     cfg = OmegaConf.structured(DataConfig(shards=str(tmp_path / "lt"), format="cifar", src=str(tmp_path / "c10"),
                                           imbalance=4.0, val_per_class=2))
     path = ensure_shards(cfg)
-    assert read_index(path).train_counts == [int(12 * 4 ** (-i / 9)) for i in range(10)]
+    assert read_index(path).train_counts == [10] + [min(10, int(12 * 4 ** (-i / 9))) for i in range(1, 10)]
     mtime = path.stat().st_mtime_ns
     assert ensure_shards(cfg) == path and path.stat().st_mtime_ns == mtime  # present and valid: no-op
     cfg.imbalance = 8.0
     with pytest.raises(ValueError, match="imbalance"):
         ensure_shards(cfg)
     cfg.imbalance = 4.0
+    index = json.loads(path.read_text())
+    del index["build"]["val_every_class"]  # shards of an earlier ltdist: val lacked the fullest classes
+    path.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"val split has no image of a class .*delete {path.parent} to rebuild"):
+        ensure_shards(cfg)
+    index["build"]["val_every_class"] = True
+    path.write_text(json.dumps(index))
     next(path.parent.glob("train-*.tar")).unlink()
     with pytest.raises(FileNotFoundError, match="train-"):
         ensure_shards(cfg)

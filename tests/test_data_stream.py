@@ -49,9 +49,9 @@ def test_stats_cli_json(fmnist_lt, capsys):  # noqa: F811
     assert stats_main(["--index", str(fmnist_lt), "--sampling-power", "0", "--epochs", "1", "--ranks", "2",
                        "--workers", "2", "--batch-size", "128", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["batches_by_rank"] == [[11188 // 256], [11188 // 256]]
+    assert out["batches_by_rank"] == [[11168 // 256], [11168 // 256]]
     np.testing.assert_allclose(out["target_probability"], [0.1] * 10)
-    assert sum(out["emitted_counts"]) == 2 * (11188 // 256) * 128
+    assert sum(out["emitted_counts"]) == 2 * (11168 // 256) * 128
     assert out["skips"] == {}
 
 
@@ -132,7 +132,7 @@ def test_streams_are_deterministic_and_epochs_differ(tmp_path):
 def test_excluded_classes_are_never_emitted(fmnist_lt):  # noqa: F811
     stream = build_train_stream(fmnist_lt, batch_size=128, rank=0, world_size=1, num_workers=0, sampling_power=0.0,
                                 seed=0, exclude_classes=[7, 8, 9], **STREAM)
-    assert stream.batches_per_epoch == (11188 - 27 - 12 - 6) // 128
+    assert stream.batches_per_epoch == (11168 - 27 - 12 - 6) // 128
     stream.set_epoch(0)
     labels = torch.cat([p["labels"] for p in stream.payloads(decode=False)])
     assert not torch.isin(labels, torch.tensor([7, 8, 9])).any()

@@ -124,7 +124,7 @@ def build_shards(
         build.update(imbalance=imbalance, val_per_class=val_per_class, classes=synthetic_classes,
                      test_per_class=test_per_class, image_size=image_size, train_images=len(splits["train"]))
     elif fmt in HOLDS_OUT_VAL:
-        build.update(profile=profile, imbalance=imbalance, val_per_class=val_per_class)
+        build.update(profile=profile, imbalance=imbalance, val_per_class=val_per_class, val_every_class=True)
     elif "val" not in splits and val_per_class > 0:
         # The common layout (train/ and test/ only): without this the train stage had no val split.
         splits["train"], splits["val"] = carve_val(splits["train"], val_per_class, seed)

@@ -58,6 +58,10 @@ def ensure_shards(cfg_data: DictConfig) -> Path:
         log.warning("%s holds shards built from %r; data.format=%r only matters for building, using them as built",
                     out, built.get("format"), cfg_data.format)
         return path
+    if cfg_data.format in _BUILD_KEYS and not built.get("val_every_class"):
+        raise ValueError(f"{out} was built by an earlier ltdist whose val split has no image of a class that "
+                         "uses all its source images for training (Fashion-MNIST-LT's class 0), so every choice "
+                         f"made on val ignored that class; delete {out} to rebuild it (val now holds every class)")
     diff = {k: (built.get(k), cfg_data[k]) for k in _BUILD_KEYS.get(cfg_data.format, ())
             if built.get(k) != cfg_data[k]}
     if diff:

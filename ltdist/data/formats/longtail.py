@@ -58,22 +58,30 @@ def counts_with_total(classes: int, total: int, n_max: int, n_min: int) -> list[
 def long_tail_split(
     labels: np.ndarray, counts: list[int], val_per_class: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded choice of ``counts[j]`` train indices per class and a val split from the rest.
+    """Seeded choice of a val split of ``val_per_class`` images per class, then ``counts[j]`` train indices
+    per class from the rest.
 
-    Val takes ``val_per_class`` images per class from the images the profile left out; a class whose
-    train count uses (nearly) all of its images gets fewer val images, with a warning naming it.
-    Returns (train indices, val indices) into ``labels``.
+    Val is reserved first so that it holds every class: a class whose profile count needs (nearly) all of
+    its images (Fashion-MNIST-LT's class 0: 6000 of 6000) gives up ``val_per_class`` of them and trains on
+    the rest (5980), logged. A class with fewer than 2·``val_per_class`` images gets half of them in val,
+    with a warning naming it. Returns (train indices, val indices) into ``labels``.
     """
     rng = np.random.default_rng(seed)
-    train, val, short = [], [], []
+    train, val, short, reduced = [], [], [], []
     for j, n in enumerate(counts):
         idx = rng.permutation(np.flatnonzero(labels == j))
         if n > len(idx):
             raise ValueError(f"class {j}: profile asks for {n} images, source has {len(idx)}")
-        train.append(idx[:n])
-        val.append(idx[n:n + val_per_class])
-        if len(val[-1]) < val_per_class:
-            short.append((j, len(val[-1])))
+        take = min(val_per_class, len(idx) // 2)
+        val.append(idx[:take])
+        train.append(idx[take:take + min(n, len(idx) - take)])
+        if take < val_per_class:
+            short.append((j, take))
+        if len(train[-1]) < n:
+            reduced.append((j, n, len(train[-1])))
+    if reduced:
+        log.info("val split: classes that give up train images to val (class, profile count, train count): %s",
+                 reduced)
     if short:
         log.warning("val split: classes with fewer than %d held-out images (class, got): %s",
                     val_per_class, short)
