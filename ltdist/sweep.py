@@ -142,6 +142,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--array-parallelism", type=int, default=16, help="Slurm: array tasks running at once")
     parser.add_argument("--no-wait", action="store_true",
                         help="Slurm: submit and return; run the same command again to compare once the jobs end")
+    parser.add_argument("--claim", action="append", default=[], metavar="'STAGE1=ROW > STAGE1=ROW'",
+                        help="a claim for the comparison to check, paired over seeds (see ltdist compare); repeatable")
     parser.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     return parser.parse_args(argv)
@@ -187,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if failed else 0
     comparison = find_runs(finished)
     rows = compare_runs(comparison)
-    paths = write_comparison(rows, comparison, out / "comparison")
+    try:
+        paths = write_comparison(rows, comparison, out / "comparison", args.claim)
+    except ValueError as exc:
+        print(f"ltdist sweep: {exc}", file=sys.stderr)
+        return 2
     print(f"\n{format_comparison(rows)}\n\n" + "\n".join(f"{suffix}: {path}" for suffix, path in paths.items()))
     return 1 if failed else 0
 
