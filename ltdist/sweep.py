@@ -31,7 +31,7 @@ from ltdist.launch import _write_config, build_executor, follow_job, resolve_run
 
 DEFAULT_PRESETS = "configs/experiment/fmnist_lt_*.yaml"
 PIPELINE = ("train", "extract", "evaluate")  # every run's stages around the stage-2 ones
-DEFAULT_STAGE2 = ("kt", "crt", "tau_norm", "lws", "ncm", "logit_adjust")
+DEFAULT_STAGE2 = ("kt", "crt", "tau_norm", "lws", "ncm", "logit_adjust", "mpfa")  # every stage-2 classifier
 
 
 @dataclass

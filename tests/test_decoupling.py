@@ -174,6 +174,25 @@ def test_every_baseline_stage_then_evaluate(run_dir):
     assert report["classifiers"]["NCM"]["all"] == pytest.approx(direct.double().mean().item())
 
 
+@pytest.mark.parametrize("head", ["cosine", "linear"])
+def test_every_stage2_classifier_runs_on_either_head(tmp_path, head):
+    """The comparison protocol's premise: cRT, τ-norm, LWS, NCM, post-hoc adjustment and KT on a cosine-head
+    backbone and on a linear-head one, from the same features."""
+    from ltdist.stages import kt as kt_stage
+
+    run_dir = make_run_dir(tmp_path, classifier=head)
+    ctx = stage_context(run_dir, f"model.classifier={head}", "method.crt.epochs=1", "method.lws.epochs=1",
+                        "method.kt.ks=[0,20]")
+    for stage in (kt_stage, crt_stage, tau_norm, lws_stage, ncm, logit_adjust, evaluate_stage):
+        stage.run(ctx)
+    report = json.loads((run_dir / "report.json").read_text())
+    own = "cosine" if head == "cosine" else "dot product"
+    assert {own, "cRT", "τ-norm", "LWS", "NCM", "logit adjustment (post-hoc)", "w_h(0)", "w_h(20)",
+            "ensemble"} <= set(report["classifiers"])
+    # Every classifier learned something: 6 separable classes, chance is 1/6.
+    assert all(row["all"] > 0.5 for row in report["classifiers"].values()), report["classifiers"]
+
+
 def test_config_checks_the_baseline_keys():
     cfg = load_config(overrides=["method.tau_norm.grid=[0.5,1.5]", "method.crt.sampling_power=2",
                                  "method.lws.lr=0"])
