@@ -10,10 +10,27 @@ import numpy as np
 from ltdist.data.formats.longtail import long_tail_split, profile_counts
 from ltdist.data.writer import SourceSample
 
+# The CIFAR "python version" files are pickles by the format's own definition (dicts of bytes keys, numpy
+# uint8 arrays, lists of ints): they are read with an unpickler that resolves only the numpy globals an array
+# needs, so a file that pretends to be CIFAR cannot call anything else. Nothing else in ltdist is unpickled.
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                  ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR batch file; refusing to load it")
+        return super().find_class(module, name)
+
 
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        try:
+            return _CifarUnpickler(f, encoding="bytes").load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"cifar: {path}: {e}") from e
 
 
 def _images(batch: dict) -> np.ndarray:
