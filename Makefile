@@ -20,7 +20,7 @@ CUDA_VENV_READY := $(CUDA_VENV)/.torch-$(CUDA_TORCH_VERSION)
 CUDA_BUILD := build/cuda-check
 
 .PHONY: install system-packages demo test lint bench-kernels bench-engine clean compile-check check-cuda-build \
-	gpu-check
+	gpu-bundle gpu-check compile-check-triton36
 
 install: $(INSTALLED)
 
@@ -70,6 +70,14 @@ bench-engine: install
 compile-check: install
 	$(PY) -m ltdist.kernels.compile_check $(if $(QUICK),--quick) --out runs/compile_check.json
 
+# The same compile check against the GPU node's Triton (3.6): its wheel in .triton36/ (no venv: it comes
+# first on PYTHONPATH, before the .venv's Triton; the CPU torch of .venv is used as is).
+TRITON36 := .triton36
+compile-check-triton36: install
+	test -d $(TRITON36)/triton || $(PY) -m pip install -q --no-deps --target $(TRITON36) "triton==3.6.*"
+	PYTHONPATH=$(abspath $(TRITON36)) $(PY) -m ltdist.kernels.compile_check $(if $(QUICK),--quick) \
+	  --out runs/compile_check_triton36.json
+
 $(CUDA_VENV_READY):
 	$(PYTHON) -m venv $(CUDA_VENV)
 	echo "torch==$(CUDA_TORCH_VERSION)" > $(CUDA_VENV)/constraints.txt
@@ -82,13 +90,22 @@ check-cuda-build: $(CUDA_VENV_READY)
 	  --build-temp $(CUDA_BUILD)/tmp
 	$(CUDA_PY) kernels/cuda_build_check.py $(CUDA_BUILD)/lib
 
-# On a machine with a GPU, with the Python of its CUDA build of torch (GPU_PY): installs ltdist there without
-# dependencies (torch, triton and pytest suffice) and with the CUDA extension, then the GPU tests and the kernel
-# benchmarks, one JSON (runs/gpu_check/gpu_check.json). The in-place extension is then the CUDA one: rebuild
-# it (make clean install) before using .venv again in this checkout.
+# The wheels a GPU node lacks (DeepSpeed, built here with its ops left to JIT; webdataset, submitit, OmegaConf,
+# pytest and what they need, never torch) for its CPython (GPU_PYTHON_VERSION) on manylinux x86-64, into the
+# git-ignored .whl/ with .whl/manifest.json (name, version, sha256, size; the total). Needs PyPI, not a GPU.
+GPU_PYTHON_VERSION ?= 3.12
+gpu-bundle: install
+	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(PY) -m ltdist.kernels.gpu_bundle build --out .whl \
+	  --python-version $(GPU_PYTHON_VERSION)
+
+# On the GPU node, with the Python of its CUDA build of torch (GPU_PY), no network: ltdist goes into that
+# Python editable and without dependencies (no compiling yet), then ltdist.kernels.gpu_check installs the carried
+# wheels into runs/gpu_check/site, builds ltdist._C with CUDA, runs the GPU tests, the pipeline on the GPU, the
+# throughput and weight checks, and writes runs/gpu_check/gpu_check.json (under 8 minutes on one H100/H200).
+# The in-place extension is then the CUDA one: rebuild it (make clean install) before using .venv again here.
 GPU_PY ?= python3
 gpu-check:
-	$(GPU_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	LTDIST_NO_EXTENSION=1 $(GPU_PY) -m pip install -q --no-index --no-build-isolation --no-deps -e .
 	$(GPU_PY) -m ltdist.kernels.gpu_check --out runs/gpu_check
 
 clean:

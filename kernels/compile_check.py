@@ -296,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = list(pool.map(compile_one, todo))
     bad = failures(rows, kernels)
     info = summary(rows)
-    info.update(kernels=[f"{m}.{n}" for m, n, _ in kernels], quick=args.quick,
-                seconds=round(time.perf_counter() - t0, 1))
+    import triton
+
+    info.update(kernels=[f"{m}.{n}" for m, n, _ in kernels], quick=args.quick, triton=triton.__version__,
+                torch=torch.__version__, seconds=round(time.perf_counter() - t0, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(summary=info, failures=bad, rows=[asdict(r) for r in rows]), indent=1))
     print(f"{'kernel':22s} {'config':50s} {'dtype':5s} {'target':6s} {'regs':>4s} {'spill':>6s} {'shared':>7s}")

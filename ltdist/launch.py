@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ltdist launch: {exc}", file=sys.stderr)
         return 2
-    problems = _data_problems(cfg)
+    from ltdist.models.weights import missing_weights_message
+
+    problems = _data_problems(cfg) or missing_weights_message(cfg.model.weights, cfg.model.arch)
     if problems:
         print(f"ltdist launch: {problems}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +13,11 @@ from data_fixtures import fmnist_lt, labelled_samples, write_custom_shards  # no
 from scipy.stats import chisquare
 
 from ltdist.data import build_train_stream, iterate_split, read_index
+from ltdist.data.plan import split_into_pieces
 from ltdist.data.sampling import class_probabilities, repeat_factors
 from ltdist.data.stats import main as stats_main
 from ltdist.data.stats import train_stats
+from ltdist.data.tario import read_shard
 
 STREAM = dict(image_size=28, channels=1, shuffle_buffer=500, max_skip_fraction=0.01)
 
@@ -138,8 +142,8 @@ def test_excluded_classes_are_never_emitted(fmnist_lt):  # noqa: F811
 def test_stream_errors_name_the_problem(tmp_path, caplog):
     index = uneven_index(tmp_path, sizes=(10, 10, 10), num_classes=5, labels_below=4)
     kw = dict(batch_size=4, rank=0, sampling_power=0.5, seed=0, **{**STREAM, "image_size": 8})
-    with pytest.raises(ValueError, match=r"3 train shards .* ranks × workers = 2 × 2"):
-        build_train_stream(index, world_size=2, num_workers=2, **kw)
+    with pytest.raises(ValueError, match=r"hold 30 samples of the trained classes, fewer than ranks × workers = 32"):
+        build_train_stream(index, world_size=8, num_workers=4, **{**kw, "batch_size": 1})
     caplog.set_level("WARNING")
     stream = build_train_stream(index, world_size=1, num_workers=0, **kw)  # class 4 has no samples
     assert "zero training samples" in caplog.text and "4 (c4)" in caplog.text
@@ -217,13 +221,55 @@ def test_ranks_in_a_real_process_group_finish_epochs_together(tmp_path):
     assert json.loads(out.read_text()) == [2 * (212 // 16) * 8] * 2
 
 
-def test_shards_with_only_excluded_classes_cannot_fill_a_slot(tmp_path):
+def test_shards_with_only_excluded_classes_get_no_slot_of_their_own(tmp_path):
     shards = [labelled_samples("a", [0, 1] * 5), labelled_samples("b", [1, 2] * 5), labelled_samples("c", [3] * 10)]
     index = write_custom_shards(tmp_path / "x", shards, 4)
     kw = dict(batch_size=4, rank=0, world_size=1, sampling_power=0.5, seed=0, **{**STREAM, "image_size": 8})
-    with pytest.raises(ValueError, match="only 2 train shards hold samples of the trained classes"):
-        build_train_stream(index, num_workers=3, exclude_classes=[3], **kw)
-    stream = build_train_stream(index, num_workers=2, exclude_classes=[3], **kw)
-    stream.set_epoch(0)
-    labels = torch.cat([b.labels for b in stream])
-    assert len(labels) == 20 // 4 * 4 and 3 not in labels.tolist()
+    for workers in (2, 3):  # 3 slots for the 2 shards that hold trained classes: each is read as 2 ranges
+        stream = build_train_stream(index, num_workers=workers, exclude_classes=[3], **kw)
+        stream.set_epoch(0)
+        labels = torch.cat([b.labels for b in stream])
+        assert len(labels) == 20 // 4 * 4 and 3 not in labels.tolist()
+        assert len(stream.plan.shard_paths) == {2: 3, 3: 5}[workers]
+
+
+def test_split_into_pieces_covers_every_sample_once_and_fills_every_slot():
+    assert split_into_pieces([10, 7], [5.0, 2.0], 2) == [(0, 0, 10), (1, 0, 7)]  # enough shards: whole
+    pieces = split_into_pieces([10, 7, 4], [5.0, 2.0, 0.0], 5)  # shard 2 holds no trained class: stays whole
+    assert pieces == [(0, 0, 3), (0, 3, 7), (0, 7, 10), (1, 0, 2), (1, 2, 5), (1, 5, 7), (2, 0, 4)]
+    assert split_into_pieces([1, 9], [1.0, 1.0], 4) == [(0, 0, 1), (1, 0, 3), (1, 3, 6), (1, 6, 9)]
+    with pytest.raises(ValueError, match="hold 3 samples of the trained classes, fewer than ranks × workers = 4"):
+        split_into_pieces([2, 1], [1.0, 1.0], 4)
+
+
+def test_one_shard_for_two_ranks_and_two_workers_streams_exact_frequencies_and_resumes(tmp_path):
+    """One train shard, 2 ranks × 2 workers: it is read as 4 sample ranges. Every sample is read once per
+    pass (instance sampling emits each exactly once in a pass), the class frequencies pass the χ² test at
+    square-root sampling, and a resumed stream continues with the identical batches."""
+    rng = np.random.default_rng(1)
+    labels = rng.permutation([j for j, n in enumerate([60, 30, 15, 8]) for _ in range(n)]).tolist()
+    index = write_custom_shards(tmp_path / "one", [labelled_samples("a", labels)], 4)
+    kw = dict(batch_size=4, world_size=2, num_workers=2, seed=3, **{**STREAM, "image_size": 8, "shuffle_buffer": 16})
+    streams = [build_train_stream(index, rank=r, sampling_power=1.0, **kw) for r in range(2)]
+    assert len(streams[0].plan.shard_paths) == 4 and streams[0].plan.shard_ranges[-1] == (85, 113)
+    first_pass = []
+    for stream in streams:
+        plan = stream.plan
+        for w in range(2):
+            (piece,) = plan.slot_shards(0, w)  # every slot reads one of the 4 ranges
+            first_pass += [s.key for s in read_shard(Path(plan.shard_paths[piece]), plan.shard_samples[piece], 4,
+                                                     Counter(), None, *plan.shard_ranges[piece])]
+    assert sorted(first_pass) == sorted(f"a_{k:05d}" for k in range(113))  # each sample once, nothing lost
+    stats = train_stats(index, sampling_power=0.5, epochs=30, ranks=2, workers=2, batch_size=4, seed=3,
+                        shuffle_buffer=16, decode=False, image_size=8, channels=1, exclude=[])
+    assert stats["batches_by_rank"] == [[113 // 8] * 30] * 2
+    assert chisquare(stats["emitted_counts"], stats["expected_counts"]).pvalue > 1e-3
+    full = build_train_stream(index, rank=1, sampling_power=0.5, **kw)
+    reference = [k for k, _, _ in run_epoch(full, 2)]
+    interrupted = build_train_stream(index, rank=1, sampling_power=0.5, **kw)
+    interrupted.set_epoch(2)
+    consumed = [b.keys for _, b in zip(range(5), interrupted)]
+    resumed = build_train_stream(index, rank=1, sampling_power=0.5, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
+    resumed.set_epoch(2)
+    assert consumed + [b.keys for b in resumed] == reference

@@ -39,6 +39,12 @@ class ModelConfig:
     classifier: str = "cosine"  # cosine | linear
     scale_init: float = 16.0  # cosine classifier scale s at initialisation
     learn_scale: bool = True
+    # A state dict file loaded into the backbone before training (torchvision's .pth files for the ResNets,
+    # an ltdist run's weights/final.pt, a timm/torchvision backbone's own file); the head stays new. Without
+    # a train stage, extract embeds with it directly (frozen backbone). Empty: random initialisation.
+    weights: str = ""
+    # timm:/torchvision: backbones only: the library's own pretrained weights (fetched by the library).
+    pretrained: bool = False
 
 
 @dataclass
@@ -67,6 +73,11 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-steps per optimizer step
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    # Speed options (ltdist.engine.speed). auto: channels_last on CUDA, contiguous on the CPU.
+    memory_format: str = "auto"  # auto | channels_last | contiguous
+    cudnn_benchmark: bool = True  # cuDNN times its convolution algorithms once per input shape (CUDA)
+    tf32: bool = True  # TF32 tensor cores for fp32 matrix products and convolutions (CUDA, Ampere and later)
+    compile: bool = False  # torch.compile of the backbone; not with MPCL's meta step (method.mpcl.meta_network)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     log_every: int = 20  # steps between metrics.jsonl lines

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ltdist.config.fingerprint import training_keys
 from ltdist.config.load import ConfigError
 from ltdist.data.meta_set import META_SOURCES
+from ltdist.engine.speed import MEMORY_FORMATS
 from ltdist.methods.objectives import OBJECTIVES
 from ltdist.methods.objectives.meta_step import META_INNER, META_INNER_ZERO_GRADIENT
 from ltdist.models.resnet_cifar import CIFAR_DEPTHS
@@ -84,6 +85,11 @@ def validate_config(cfg: DictConfig) -> None:
     elif arch not in ARCHS:
         problems.append(f"model.arch: must be one of {', '.join(ARCHS)}, timm:<name> or torchvision:<name>, "
                         f"got {arch!r}")
+    if cfg.model.pretrained and library not in EXTERNAL_BACKBONES:
+        problems.append(f"model.pretrained: only timm:<name> / torchvision:<name> backbones fetch their own "
+                        f"weights; for model.arch={arch!r} set model.weights=PATH")
+    if cfg.model.pretrained and cfg.model.weights:
+        problems.append("model.weights: set either model.weights or model.pretrained=true, not both")
     one_of("model.classifier", ("cosine", "linear"))
     check("model.scale_init", positive, "must be > 0")
 
@@ -104,6 +110,7 @@ def validate_config(cfg: DictConfig) -> None:
     check("trainer.max_steps", non_negative, "must be ≥ 0 (0 = all epochs)")
     one_of("trainer.precision", ("fp32", "bf16", "fp16"))
     one_of("trainer.device", ("auto", "cpu", "cuda"))
+    one_of("trainer.memory_format", MEMORY_FORMATS)
     check("trainer.log_every", at_least_one, "must be ≥ 1")
     check("trainer.checkpoint_every", at_least_one, "must be ≥ 1")
     check("trainer.max_nonfinite_steps", at_least_one, "must be ≥ 1")
@@ -160,6 +167,10 @@ def validate_config(cfg: DictConfig) -> None:
     one_of("method.mpcl.meta_source", META_SOURCES)
     check("method.mpcl.meta_per_class", at_least_one, "must be ≥ 1")
     check("method.mpcl.meta_batch_size", non_negative, "must be ≥ 0 (0 = the per-rank micro-batch)")
+    if cfg.method.loss == "mpcl" and mpcl.meta_network and cfg.trainer.compile:
+        problems.append("trainer.compile: torch.compile cannot run MPCL's meta step (method.mpcl.meta_network=true "
+                        "differentiates the loss twice, which compiled graphs do not support): set "
+                        "trainer.compile=false, or method.mpcl.meta_network=false")
     if cfg.method.loss == "mpcl" and mpcl.warmup_epochs >= cfg.trainer.epochs:
         problems.append(f"method.mpcl.warmup_epochs: {mpcl.warmup_epochs} CE-only epochs of "
                         f"trainer.epochs={cfg.trainer.epochs}: L_PC would never be switched on")

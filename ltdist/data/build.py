@@ -8,9 +8,15 @@ from collections import defaultdict
 from pathlib import Path
 
 from ltdist.data.formats import cifar, fashion_mnist, imagefolder, inat2018, listfile, synthetic
+from ltdist.data.published import PUBLISHED, differences, guess_published
 from ltdist.data.writer import SourceSample, write_shards
 
 FORMATS = ("fashion-mnist", "imagefolder", "list", "inat2018", "cifar", "synthetic")
+# The shard writer's rule: shards of at most DEFAULT_SHARD_SIZE samples, smaller when train would otherwise
+# get fewer than MIN_TRAIN_SHARDS shards. 16 covers one node of 8 GPUs × 2 loader workers; more slots than
+# shards still work (the stream then reads shards as sample ranges, ltdist.data.plan), at more reads per shard.
+DEFAULT_SHARD_SIZE = 1000
+MIN_TRAIN_SHARDS = 16
 # Formats whose reader makes the val split itself (left-over images of the long-tail cut, or generated).
 HOLDS_OUT_VAL = ("fashion-mnist", "cifar", "synthetic")
 
@@ -68,18 +74,48 @@ def load_source(
     raise ValueError(f"unknown shard format {fmt!r}; one of {', '.join(FORMATS)}")
 
 
+def check_source(fmt: str, src: str, *, split_files: dict[str, str] | None = None, published: str = "",
+                 profile: str = "exp", imbalance: float = 100.0, seed: int = 0) -> tuple[str, list[str]]:
+    """Compare a source's entries with a published split (:mod:`ltdist.data.published`) from its list files,
+    json or pickles alone, before any image is opened. ``published``: a ``PUBLISHED`` key (empty: guessed).
+    Returns (the data set compared with, every difference; [] when they match)."""
+    split_files = split_files or {}
+    if fmt == "list":
+        if "train" not in split_files:
+            raise ValueError("list format needs --split-file train=LIST (and optionally val=, test=)")
+        entries = {split: listfile.read_list(Path(f)) for split, f in split_files.items()}
+    elif fmt == "inat2018":
+        entries = inat2018.read_annotations(split_files)[1]
+    elif fmt == "cifar":
+        _, samples = cifar.load(src, profile=profile, imbalance=imbalance, val_per_class=0, seed=seed)
+        entries = {split: [(s.key, s.label) for s in v] for split, v in samples.items() if split != "val"}
+    else:
+        raise ValueError(f"--check compares list, inat2018 and cifar sources with their published splits, not {fmt}")
+    labels = {split: [label for _, label in pairs] for split, pairs in entries.items()}
+    num_classes = 1 + max(max(v, default=-1) for v in labels.values())
+    key = published or guess_published(fmt, split_files, num_classes, imbalance)
+    if key not in PUBLISHED:
+        raise ValueError(f"--check: which published split is this? pass --published one of {', '.join(PUBLISHED)}")
+    keys = {split: [path for path, _ in pairs] for split, pairs in entries.items()}
+    return PUBLISHED[key].name, differences(PUBLISHED[key], labels, keys)
+
+
 def build_shards(
     fmt: str, src: str, out: Path, *, profile: str = "exp", imbalance: float = 1000.0, val_per_class: int = 20,
-    seed: int = 0, split_files: dict[str, str] | None = None, shard_size: int = 1000, workers: int = 1,
+    seed: int = 0, split_files: dict[str, str] | None = None, shard_size: int = DEFAULT_SHARD_SIZE, workers: int = 1,
     resize_short: int = 0, progress: bool = True, min_train_shards: int = 1,
     synthetic_classes: int = synthetic.INAT_CLASSES, test_per_class: int = 3, image_size: int = 32,
     train_images: int = 0,
 ) -> Path:
     """Convert a raw dataset into ``out/{split}-*.tar`` + ``out/index.json``; return the index path.
 
-    ``shard_size`` shrinks when train would otherwise have fewer than ``min_train_shards`` shards: the
-    stream deals whole train shards to ranks × loader workers, so a small data set needs small shards.
+    ``shard_size`` is the most samples per shard; it shrinks to ⌊train samples / ``min_train_shards``⌋ (at
+    least 1) when train would otherwise have fewer than ``min_train_shards`` shards. The stream deals train
+    shards to ranks × loader workers: with at least that many shards every slot reads whole shards (with
+    fewer it reads them as sample ranges, which rereads each shard's tar once per range).
     """
+    if min_train_shards < 1:
+        raise ValueError(f"min_train_shards must be >= 1, got {min_train_shards}")
     classes, splits = load_source(fmt, src, profile=profile, imbalance=imbalance, val_per_class=val_per_class,
                                   seed=seed, split_files=split_files, synthetic_classes=synthetic_classes,
                                   test_per_class=test_per_class, image_size=image_size, train_images=train_images)

@@ -8,13 +8,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ltdist.data.build import build_shards
+from ltdist.data.build import MIN_TRAIN_SHARDS, build_shards
 from ltdist.data.index import read_index
 
 log = logging.getLogger(__name__)
 SHARD_SIZE = 256  # small shards: Fashion-MNIST-LT then has 44 train shards for ranks × workers
-# A smaller data set gets smaller shards, so that up to 16 ranks × workers each get a train shard.
-MIN_TRAIN_SHARDS = 16
 BUILD_SEED = 0
 # Config keys that must agree with the build recorded in index.json, per format.
 _LT_KEYS = ("profile", "imbalance", "val_per_class")

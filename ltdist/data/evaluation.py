@@ -37,7 +37,7 @@ class _SplitDataset(IterableDataset):
         images, labels, keys = [], [], []
         for i in self.shard_ids[worker::self.workers]:
             for s in read_shard(self.index.root / shards[i].file, shards[i].samples, self.index.num_classes,
-                                self.skips):
+                                self.skips, labels=self.index.label_spec):
                 try:
                     images.append(self.transform(s.image))
                 except Exception:  # undecodable bytes: counted, never fatal

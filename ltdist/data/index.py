@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ltdist.data.tario import LabelSpec
+
 INDEX_VERSION = 1
 SPLITS = ("train", "val", "test")
 
@@ -47,6 +49,16 @@ class LongTailIndex:
     def train_counts(self) -> list[int]:
         """Per-class training sample counts n_j (what sampling and the many/medium/few groups use)."""
         return self.counts["train"]
+
+    @property
+    def label_spec(self) -> LabelSpec:
+        """Where the shards keep each sample's label: ltdist's own shards ``.cls`` ids; shards indexed by
+        ``ltdist shards index`` what ``build["label"]`` records (``ext``, JSON ``field``, ``names``: whether
+        labels are the class names of ``classes``)."""
+        label = self.build.get("label")
+        if not label:
+            return LabelSpec()
+        return LabelSpec(label["ext"], label.get("field", ""), tuple(self.classes) if label.get("names") else ())
 
     def shard_paths(self, split: str) -> list[Path]:
         return [self.root / s.file for s in self.split_shards(split)]

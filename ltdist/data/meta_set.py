@@ -71,7 +71,8 @@ def carve_meta_set(index: LongTailIndex, source: str, per_class: int, seed: int)
     by_class: dict[int, list[tuple[str, bytes]]] = defaultdict(list)
     skips: Counter = Counter()
     for shard in index.split_shards(source):
-        for sample in read_shard(index.root / shard.file, shard.samples, index.num_classes, skips):
+        for sample in read_shard(index.root / shard.file, shard.samples, index.num_classes, skips,
+                                 labels=index.label_spec):
             by_class[sample.label].append((sample.key, sample.image))
     chosen: list[tuple[str, int, bytes]] = []
     short = []

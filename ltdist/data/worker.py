@@ -48,7 +48,7 @@ class WorkerStream:
         self.transform = TrainTransform(plan.image_size, plan.channels)
 
     def _read_pass(self, pass_: int) -> Iterator[RawSample]:
-        """One pass over this worker's shards (passes after the first in a fresh seeded order)."""
+        """One pass over this worker's pieces of shards (passes after the first in a fresh seeded order)."""
         order = self.plan.slot_shards(self.epoch, self.worker)
         if pass_:
             random.Random(f"pass/{self.tag}/{pass_}").shuffle(order)
@@ -56,8 +56,9 @@ class WorkerStream:
         for i in order:
             before = self._reasons.total()
             path = Path(self.plan.shard_paths[i])
+            start, stop = self.plan.shard_ranges[i]
             for sample in read_shard(path, self.plan.shard_samples[i], self.plan.num_classes, self._reasons,
-                                     self.skips):
+                                     self.skips, start, stop, self.plan.labels):
                 self.read += 1
                 if sample.key in self.plan.exclude_keys:
                     continue

@@ -9,15 +9,20 @@ directory:
 - :func:`ensure_prebuilt` builds the ops into ``<sys.prefix>/ltdist-torch-extensions/`` (``make install``
   runs ``python -m ltdist.engine.ds_ops``). It builds under an ``fcntl`` lock, which the kernel releases
   when its holder dies, and clears torch lock files left there by a killed builder first.
-- :func:`isolate_torch_extensions` gives this process its own ``TORCH_EXTENSIONS_DIR`` seeded with a
-  copy of the prebuilt ops (mtimes kept, so ninja finds nothing to do). A lock left there by a killed
-  process dies with that process's directory; directories of dead processes are pruned.
+- :func:`isolate_torch_extensions` imports each prebuilt op's library itself and registers it in
+  DeepSpeed's op cache (``OpBuilder._loaded_ops``), so ``builder.load()`` returns it and torch's JIT
+  loader never runs: no lock, no ninja, no compiler. Copying the build directory was not enough: the
+  loader re-runs ninja in every new process, and ninja rebuilt both sources (about 2 minutes per rank on
+  2 cores). The process still gets its own ``TORCH_EXTENSIONS_DIR``, seeded with a copy of the prebuilt
+  ops, for any op that is not preloaded; a lock left there by a killed process dies with that process's
+  directory; directories of dead processes are pruned.
 """
 
 from __future__ import annotations
 
 import atexit
 import fcntl
+import importlib.util
 import logging
 import os
 import shutil
@@ -31,9 +36,11 @@ TORCH_LOCK = "lock"  # torch.utils.cpp_extension's FileBaton name inside each op
 
 
 def _tag() -> str:
+    import deepspeed
     import torch
 
-    return f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}"
+    # DeepSpeed's version too: a prebuilt library from other sources must not be imported after an upgrade.
+    return f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}_ds{deepspeed.__version__}"
 
 
 def prebuilt_root() -> Path:
@@ -64,7 +71,7 @@ def ensure_prebuilt(root: Path | None = None) -> Path:
     root = root or prebuilt_root()
     builders = _needed_builders()
     root.mkdir(parents=True, exist_ok=True)
-    missing = [b for b in builders if not list((root / b.NAME).glob(f"{b.NAME}*.so"))]
+    missing = [b for b in builders if _library(root, b) is None]
     if not missing:
         return root
     with open(root / ".ltdist-build.lock", "w") as lock:
@@ -86,6 +93,31 @@ def ensure_prebuilt(root: Path | None = None) -> Path:
     return root
 
 
+def _library(root: Path, builder) -> Path | None:
+    found = sorted((root / builder.NAME).glob(f"{builder.NAME}*.so"))
+    return found[0] if found else None
+
+
+def preload_prebuilt(root: Path) -> list[str]:
+    """Import the library of every needed op from ``root`` and register it in DeepSpeed's op cache, so that
+    ``deepspeed.initialize`` takes it from there instead of calling torch's JIT loader. Returns the names
+    registered now (ops already loaded in this process are left as they are)."""
+    registered = []
+    for builder in _needed_builders():
+        if builder.name in builder._loaded_ops:
+            continue
+        library = _library(root, builder)
+        if library is None:
+            raise FileNotFoundError(f"DeepSpeed op {builder.NAME} is not built in {root}: run "
+                                    "`python -m ltdist.engine.ds_ops`")
+        spec = importlib.util.spec_from_file_location(builder.NAME, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        builder._loaded_ops[builder.name] = module  # the class-level cache OpBuilder.load() consults first
+        registered.append(builder.NAME)
+    return registered
+
+
 def _prune_dead(parent: Path) -> None:
     for path in parent.glob("pid*-*"):
         pid = path.name[3:].split("-", 1)[0]
@@ -94,8 +126,9 @@ def _prune_dead(parent: Path) -> None:
 
 
 def isolate_torch_extensions() -> Path:
-    """Point ``TORCH_EXTENSIONS_DIR`` at a directory of this process only, seeded with the prebuilt ops
-    (built first if missing); removed at exit. Idempotent within a process. Returns the directory."""
+    """Register the prebuilt ops (built first if missing) in DeepSpeed's op cache, and point
+    ``TORCH_EXTENSIONS_DIR`` at a directory of this process only, seeded with a copy of them; removed at
+    exit. Idempotent within a process. Returns the directory."""
     current = os.environ.get("TORCH_EXTENSIONS_DIR", "")
     if current and Path(current).name.startswith(f"pid{os.getpid()}-"):
         return Path(current)
@@ -107,6 +140,7 @@ def isolate_torch_extensions() -> Path:
         log.warning("cannot build into %s (read-only); building DeepSpeed's ops under %s instead (run "
                     "`python -m ltdist.engine.ds_ops` at install time to avoid this)", prebuilt_root(), parent)
         source = ensure_prebuilt(parent / "prebuilt" / _tag())
+    preload_prebuilt(source)
     _prune_dead(parent)
     private = Path(tempfile.mkdtemp(prefix=f"pid{os.getpid()}-", dir=parent))
     shutil.copytree(source, private, dirs_exist_ok=True, ignore=shutil.ignore_patterns(TORCH_LOCK, ".ltdist-*"))

@@ -25,7 +25,7 @@ from ltdist.config.fingerprint import refusal as settings_refusal
 from ltdist.data.meta_set import MetaSet
 from ltdist.distributed import DistEnv, barrier
 from ltdist.engine import checkpoint as ckpt
-from ltdist.engine import requeue_log
+from ltdist.engine import requeue_log, speed
 from ltdist.engine.ds_config import build_deepspeed_config, effective_lr, plan_batches, skip_single_rank_allreduce
 from ltdist.engine.ds_ops import isolate_torch_extensions
 from ltdist.engine.metrics import MetricsSink, StepWindow, validate
@@ -34,7 +34,8 @@ from ltdist.engine.progress import TrainProgress
 from ltdist.engine.schedule import lr_at
 from ltdist.evaluate.groups import class_groups
 from ltdist.methods.objectives import build_objective
-from ltdist.models import LongTailModel, build_model, export_model
+from ltdist.models import LongTailModel, export_model
+from ltdist.models.weights import build_configured_model, write_weights_record
 from ltdist.preemption import preemption_agreed, requeue_and_exit
 from ltdist.watchdog import StallWatchdog
 
@@ -81,8 +82,13 @@ class Trainer:
         self.dtype = DTYPES[t.precision]
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = build_model(cfg.model.arch, num_classes, cfg.data.channels, cfg.model.classifier,
-                            cfg.model.scale_init, cfg.model.learn_scale)
+        model, weights_source = build_configured_model(cfg.model, num_classes, cfg.data.channels)
+        if weights_source is not None and env.is_main:
+            write_weights_record(self.run_dir / "weights", weights_source)
+        speed.set_backend_flags(t.cudnn_benchmark, t.tf32)
+        self.memory_format = speed.memory_format(t.memory_format, env.device)
+        if t.compile:
+            speed.compile_backbone(model)
         self.peak_lr = effective_lr(o.lr, self.plan.global_batch, o.lr_reference_batch, o.lr_scaling)
         optimizer = torch.optim.SGD(_param_groups(model, o.weight_decay), lr=self.peak_lr, momentum=o.momentum,
                                     nesterov=o.nesterov)
@@ -170,7 +176,7 @@ class Trainer:
         if self.on_batch is not None:
             self.on_batch(self.step, batch)
         device = self.env.device
-        images = batch.images.to(device, self.dtype, non_blocking=True)
+        images = batch.images.to(device, self.dtype, non_blocking=True, memory_format=self.memory_format)
         labels = batch.labels.to(device, non_blocking=True)
         lr = lr_at(self.step, self.peak_lr, self.total_steps, self.warmup_steps, self.cfg.optim.schedule)
         self.objective.before_micro_step(self.model, images, labels, step=self.step, epoch=self.epoch, lr=lr)

@@ -99,7 +99,8 @@ def write_report(out_dir: Path, *, dataset: str, groups: dict[str, list[int]],
                  results: dict[str, dict[str, float | None]], per_class: dict[str, list[float]],
                  train_counts: Sequence[int], tables: dict[str, Sequence[TableSection]],
                  notes: Sequence[str] = (), plots: Sequence[Path] = (),
-                 labels: dict[str, str] | None = None, per_class_rows_max: int | None = None) -> Path:
+                 labels: dict[str, str] | None = None, per_class_rows_max: int | None = None,
+                 extra: dict | None = None) -> Path:
     """Write report.json, per_class_accuracy.json / .csv and report.md into ``out_dir``; return report.md's path.
 
     Args:
@@ -113,6 +114,7 @@ def write_report(out_dir: Path, *, dataset: str, groups: dict[str, list[int]],
         labels: classifier name → its text in the Markdown tables (default: the name).
         per_class_rows_max: with more classes than this, report.md bins the classes by training count
             instead of a row per class, and report.json gains "count_bins"; None: a row per class at any C.
+        extra: more top-level entries of report.json (e.g. "weights": what the backbone started from).
     """
     missing = [name for section in (s for t in tables.values() for s in t) for name in section.classifiers
                if name not in results]
@@ -121,7 +123,7 @@ def write_report(out_dir: Path, *, dataset: str, groups: dict[str, list[int]],
     out_dir.mkdir(parents=True, exist_ok=True)
     binned = per_class_rows_max is not None and len(train_counts) > per_class_rows_max
     report = {"dataset": dataset, "groups": {g: list(groups[g]) for g in GROUPS},
-              "classifiers": {name: {c: acc[c] for c in COLUMNS} for name, acc in results.items()}}
+              "classifiers": {name: {c: acc[c] for c in COLUMNS} for name, acc in results.items()}, **(extra or {})}
     if binned:
         report["count_bins"] = _bin_summary(count_bins(train_counts), per_class)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -18,25 +18,26 @@ EXPORT_FORMAT = "ltdist-model-v1"
 CLASSIFIERS = ("cosine", "linear")
 
 
-def _external_backbone(arch: str, channels: int) -> tuple[nn.Module, int]:
-    """``timm:<name>`` or ``torchvision:<name>``, headless, when that library is installed."""
+def _external_backbone(arch: str, channels: int, pretrained: bool = False) -> tuple[nn.Module, int]:
+    """``timm:<name>`` or ``torchvision:<name>``, headless, when that library is installed; ``pretrained``:
+    with the library's own ImageNet weights (it fetches them: network or its cache)."""
     library, name = arch.split(":", 1)
     try:
         module = importlib.import_module(library)
     except ImportError as e:
         raise ValueError(f"model.arch={arch!r} needs the optional package {library!r}, which is not installed") from e
     if library == "timm":
-        net = module.create_model(name, pretrained=False, num_classes=0, in_chans=channels)
+        net = module.create_model(name, pretrained=pretrained, num_classes=0, in_chans=channels)
         return net, int(net.num_features)
     if channels != 3:
         raise ValueError(f"model.arch={arch!r}: torchvision backbones take 3 channels, data has {channels}")
-    net = getattr(module.models, name)(weights=None)
+    net = getattr(module.models, name)(weights="DEFAULT" if pretrained else None)
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()
     return net, int(feature_dim)
 
 
-def _backbone(arch: str, channels: int) -> tuple[nn.Module, int]:
+def _backbone(arch: str, channels: int, pretrained: bool = False) -> tuple[nn.Module, int]:
     if arch in CIFAR_DEPTHS:
         net = CifarResNet(CIFAR_DEPTHS[arch], channels)
         return net, net.feature_dim
@@ -44,7 +45,7 @@ def _backbone(arch: str, channels: int) -> tuple[nn.Module, int]:
         net = ImageNetResNet(arch, channels)
         return net, net.feature_dim
     if arch.startswith(("timm:", "torchvision:")):
-        return _external_backbone(arch, channels)
+        return _external_backbone(arch, channels, pretrained)
     known = ", ".join([*CIFAR_DEPTHS, *IMAGENET_SPECS, "timm:<name>", "torchvision:<name>"])
     raise ValueError(f"unknown model.arch {arch!r}; choose one of {known}")
 
@@ -71,15 +72,18 @@ class LongTailModel(nn.Module):
 
 
 def build_model(arch: str, num_classes: int, channels: int, classifier: str = "cosine", scale_init: float = 16.0,
-                learn_scale: bool = True) -> LongTailModel:
-    """A fresh model; parameters are drawn from torch's global RNG (seed it for identical ranks)."""
+                learn_scale: bool = True, pretrained: bool = False) -> LongTailModel:
+    """A fresh model; parameters are drawn from torch's global RNG (seed it for identical ranks).
+
+    ``pretrained`` (timm:/torchvision: backbones): the library's own weights; an export does not record it,
+    since its state dict holds the weights."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if classifier not in CLASSIFIERS:
         raise ValueError(f"model.classifier must be one of {CLASSIFIERS}, got {classifier!r}")
-    backbone, feature_dim = _backbone(arch, channels)
+    backbone, feature_dim = _backbone(arch, channels, pretrained)
     if classifier == "cosine":
         head: nn.Module = CosineClassifier(feature_dim, num_classes, scale_init, learn_scale)
     else:

@@ -6,6 +6,9 @@ Written here because torchvision is not installable on the CPU-only machines we 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import nn
 
@@ -16,6 +19,30 @@ IMAGENET_SPECS = {
     "resnet152": ((3, 8, 36, 3), 1, 64),
     "resnext50_32x4d": ((3, 4, 6, 3), 32, 4),
 }
+
+
+_TORCHVISION_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.(.*)$")
+_TORCHVISION_STEM = {"conv1.": "stem.0.", "bn1.": "stem.1."}
+
+
+def from_torchvision_keys(state: Mapping[str, torch.Tensor], blocks: Sequence[int]) -> dict[str, torch.Tensor]:
+    """A state dict in torchvision's ResNet key layout renamed to :class:`ImageNetResNet`'s.
+
+    torchvision names the stem ``conv1`` / ``bn1`` and the blocks ``layer<s>.<b>``; here the stem is
+    ``stem.0`` / ``stem.1`` and the blocks of all four stages are one sequence ``stages.<i>`` with
+    i = Σ_{t<s} blocks[t] + b. Names inside a block (``conv1``…``bn3``, ``downsample.0/1``) are the same.
+    Keys that do not map (``fc.*``, a block past ``blocks[s]``) keep their names, for the strict check to
+    report."""
+    offsets = [sum(blocks[:s]) for s in range(len(blocks))]
+    renamed = {}
+    for key, value in state.items():
+        m = _TORCHVISION_BLOCK.match(key)
+        if m and int(m.group(2)) < blocks[int(m.group(1)) - 1]:
+            key = f"stages.{offsets[int(m.group(1)) - 1] + int(m.group(2))}.{m.group(3)}"
+        else:
+            key = next((new + key[len(old):] for old, new in _TORCHVISION_STEM.items() if key.startswith(old)), key)
+        renamed[key] = value
+    return renamed
 
 
 class Bottleneck(nn.Module):
@@ -60,6 +87,7 @@ class ImageNetResNet(nn.Module):
                 stages.append(Bottleneck(in_planes, planes, stride, groups, base_width))
                 in_planes = planes * Bottleneck.expansion
         self.stages = nn.Sequential(*stages)
+        self.blocks_per_stage = blocks
         self.last_stage_blocks = blocks[-1]
         self.feature_dim = in_planes
         for m in self.modules():

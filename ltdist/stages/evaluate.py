@@ -35,6 +35,7 @@ from ltdist.evaluate import (
 )
 from ltdist.methods.classifier_set import KT_FILE, ClassifierSet, head_scorer, load_classifier_sets
 from ltdist.methods.kt import KTClassifiers, cosine_probabilities
+from ltdist.models.weights import read_weights_record
 from ltdist.stages import StageContext
 from ltdist.stages.extract import load_features
 from ltdist.stages.kt import classifiers_path, load_kt_classifiers
@@ -162,11 +163,14 @@ def head_classifier_set(run_dir: Path) -> ClassifierSet:
 
 def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test: dict, train_counts: list[int], *,
                  dataset: str, out_dir: Path, many_threshold: int, few_threshold: int, per_class_rows_max: int,
-                 device: torch.device | str = "cpu", run_notes: list[str] | None = None) -> tuple[Path, str]:
+                 device: torch.device | str = "cpu", run_notes: list[str] | None = None,
+                 weights: dict | None = None) -> tuple[Path, str]:
     """Score every classifier, write the report files and plots into ``out_dir``; return (report.md, tables).
 
     Past ``per_class_rows_max`` classes the per-class table and plot are binned by training count.
     ``run_notes``: lines about the run itself (e.g. :func:`training_notes`), listed with the report's notes.
+    ``weights``: where the backbone's weights came from (``weights/source.json``), kept in report.json and
+    named in report.md's notes.
     """
     num_classes = len(train_counts)
     groups = class_groups(train_counts, many_threshold, few_threshold)
@@ -179,6 +183,9 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
     notes = [f"top-1 (%) on the test split ({labels.numel()} samples); many-shot n > {many_threshold}, "
              f"few-shot n < {few_threshold} training samples, medium otherwise; group = mean per-class "
              f"accuracy, Total = all test samples", *(run_notes or [])]
+    if weights is not None:
+        notes.append(f"backbone started from {weights['path'] or weights.get('pretrained')}"
+                     + (f" (sha256 {weights['sha256']})" if weights.get("sha256") else " (the library's weights)"))
     row_labels: dict[str, str] = {}
     untrained: list[int] = []
     if kt is not None:
@@ -218,7 +225,7 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
                  plot_group_bars(plot_dir / "group_accuracy.png", results)]
     path = write_report(out_dir, dataset=dataset, groups=groups, results=results, per_class=per_class,
                         train_counts=train_counts, tables=tables, notes=notes, plots=plots, labels=row_labels,
-                        per_class_rows_max=per_class_rows_max)
+                        per_class_rows_max=per_class_rows_max, extra={"weights": weights} if weights else None)
     printed = "\n\n".join(f"{title}\n{format_table(results, sections, row_labels)}"
                            for title, sections in tables.items())
     return path, printed
@@ -257,6 +264,7 @@ def run(ctx: StageContext) -> None:
                                      many_threshold=cfg.evaluate.many_threshold,
                                      few_threshold=cfg.evaluate.few_threshold,
                                      per_class_rows_max=cfg.evaluate.per_class_rows_max, device=ctx.dist.device,
-                                     run_notes=training_notes(ctx.run_dir))
+                                     run_notes=training_notes(ctx.run_dir),
+                                     weights=read_weights_record(ctx.run_dir / "weights"))
         print(f"{printed}\n\nreport: {path}", flush=True)
     barrier()

@@ -6,6 +6,13 @@ one rank) and writes ``features/<split>.rank<r>.pt``; after a barrier rank 0 mer
 ``labels`` [N] int64 and ``keys`` list[str], sorted by key so the file does not depend on the number
 of ranks — and removes the rank files. A split whose merged file is newer than the model export is
 skipped, so a requeued job does not redo finished splits.
+
+Frozen backbone: with ``model.weights`` (or ``model.pretrained``) and no ``train`` stage, the backbone comes
+from those weights and the export is made here: its head is imprinted with the class prototypes of the
+train features (eq. 3's normalised class means; a class without train samples keeps its random row), so
+``kt`` (which attends over the head's rows), ``evaluate``'s head row and every stage-2 method work on any
+pretrained feature extractor. The export is written after the train features are merged and before they
+are saved, so every features file is newer than it.
 """
 
 from __future__ import annotations
@@ -85,23 +92,50 @@ def embed_split(model: torch.nn.Module, batches, device: torch.device, capacity:
     return {"features": features, "labels": labels, "keys": keys}
 
 
+def frozen_backbone(cfg) -> bool:
+    """Whether extract embeds with ``model.weights`` / ``model.pretrained`` itself (no train stage)."""
+    return "train" not in cfg.stages and bool(cfg.model.weights or cfg.model.pretrained)
+
+
+@torch.no_grad()
+def imprint_head(head: torch.nn.Module, train: dict) -> None:
+    """Set the rows of a new head to the class prototypes of ``train`` features (in place); a linear head's
+    bias to 0. Classes without train samples keep their rows."""
+    from ltdist.methods.kt import class_prototypes
+
+    num_classes = head.weight.shape[0]
+    prototypes = class_prototypes(train["features"], train["labels"], num_classes).to(head.weight)
+    seen = torch.bincount(train["labels"], minlength=num_classes) > 0
+    head.weight[seen] = prototypes[seen]
+    if getattr(head, "bias", None) is not None:
+        head.bias.zero_()
+
+
 def run(ctx: StageContext) -> None:
     from ltdist.data import ensure_shards, iterate_split, read_index
-    from ltdist.models import load_exported_model
+    from ltdist.models import export_model, load_exported_model
+    from ltdist.models.weights import build_configured_model, write_weights_record
 
     cfg, env = ctx.cfg, ctx.dist
     weights = model_path(ctx.run_dir)
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing: the extract stage needs the train stage's model export")
+    frozen = frozen_backbone(cfg) and not weights.is_file()
+    if not weights.is_file() and not frozen:
+        raise FileNotFoundError(f"{weights} is missing: the extract stage needs the train stage's model export "
+                                "(or model.weights=PATH to embed with a pretrained backbone)")
     with watchdog(f"rank {env.rank}: the shard index in {cfg.data.shards} (another process may be building it)"):
         index = read_index(ensure_shards(cfg.data))
-    model = load_exported_model(weights).to(env.device).eval()
+    if frozen:
+        torch.manual_seed(cfg.trainer.seed)  # the head's rows of classes without train samples
+        model, source = build_configured_model(cfg.model, index.num_classes, cfg.data.channels)
+        model = model.to(env.device).eval()
+    else:
+        model = load_exported_model(weights).to(env.device).eval()
     for split in SPLITS:
         if split not in index.manifest:
             log.warning("extract: the shards have no %s split, skipped", split)
             continue
         merged = features_path(ctx.run_dir, split)
-        if merged.is_file() and merged.stat().st_mtime >= weights.stat().st_mtime:
+        if weights.is_file() and merged.is_file() and merged.stat().st_mtime >= weights.stat().st_mtime:
             log.info("extract: %s is up to date, skipped", merged)
             continue
         batches = iterate_split(index, split, batch_size=cfg.trainer.batch_size, rank=env.rank,
@@ -118,6 +152,13 @@ def run(ctx: StageContext) -> None:
         if env.is_main:
             paths = [merged.with_name(f"{split}.rank{r}.pt") for r in range(env.world_size)]
             result = merge_feature_shards([torch.load(p, weights_only=True) for p in paths])
+            if frozen and split == "train":
+                imprint_head(model.classifier, result)
+                export_model(model, weights)
+                if source is not None:
+                    write_weights_record(weights.parent, source)
+                log.info("extract: frozen backbone from %s; head imprinted with the train prototypes: %s",
+                         source, weights)
             torch_save_atomic(result, merged)
             for p in paths:
                 p.unlink()

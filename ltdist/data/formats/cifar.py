@@ -10,25 +10,24 @@ import numpy as np
 from ltdist.data.formats.longtail import long_tail_split, profile_counts
 from ltdist.data.writer import SourceSample
 
-# The CIFAR "python version" files are pickles by the format's own definition (dicts of bytes keys, numpy
-# uint8 arrays, lists of ints): they are read with an unpickler that resolves only the numpy globals an array
-# needs, so a file that pretends to be CIFAR cannot call anything else. Nothing else in ltdist is unpickled.
-_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                  ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-                  ("numpy", "ndarray"), ("numpy", "dtype")}
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's own format is a pickle of dicts, lists and numpy arrays: only what builds those may load, so a
+    planted ``__reduce__`` payload in a downloaded file raises instead of running."""
 
-class _CifarUnpickler(pickle.Unpickler):
+    _allowed = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")})
+
     def find_class(self, module: str, name: str):
-        if (module, name) not in _CIFAR_GLOBALS:
-            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR batch file; refusing to load it")
-        return super().find_class(module, name)
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"CIFAR file refers to {module}.{name}; only numpy arrays are allowed")
 
 
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
         try:
-            return _CifarUnpickler(f, encoding="bytes").load()
+            return _ArraysOnly(f, encoding="bytes").load()
         except pickle.UnpicklingError as e:
             raise ValueError(f"cifar: {path}: {e}") from e
 
