@@ -178,20 +178,31 @@ _CONSEQUENTIAL = ("Connection closed by peer", "Connection reset by peer", "Brok
 
 
 def _failing_rank_note(job) -> str:
-    """Which rank failed first, as far as the ranks' logs tell (a traceback or the stall watchdog's line
-    that is not a lost connection to a peer), with its log's last lines when it is not rank 0's."""
-    found = []
+    """Which rank failed, as far as the ranks' logs (stdout and stderr) tell: the first with an error of its
+    own (a traceback that is not a lost connection to a peer, or the stall watchdog's line); else a rank
+    that logged no error while its peers lost their connection to it (killed from outside, out of memory).
+    The log's last lines are shown when it is not rank 0's."""
+    own, lost, silent = [], [], []
     for rank in range(job.num_tasks):
-        path = Path(job.task(rank).paths.stdout)
-        text = path.read_text(errors="replace") if path.exists() else ""
-        if "Traceback (most recent call last)" in text or "no training progress for" in text:
-            own = not any(marker in text for marker in _CONSEQUENTIAL) or "no training progress for" in text
-            found.append((not own, rank, path, text))
-    if not found:
-        return f"no rank logged an error (killed from outside?); rank 0's log: {job.paths.stdout}"
-    _, rank, path, text = min(found, key=lambda f: (f[0], f[1]))
-    tail = "" if rank == 0 else "\n" + "\n".join(text.rstrip().splitlines()[-15:])
-    return f"rank {rank} failed, see its log: {path}{tail}"
+        paths = job.task(rank).paths
+        text = "".join(Path(p).read_text(errors="replace") for p in (paths.stdout, paths.stderr) if Path(p).exists())
+        entry = (rank, paths.stdout, text)
+        if "no training progress for" in text:
+            own.append(entry)
+        elif "Traceback (most recent call last)" in text:
+            (lost if any(marker in text for marker in _CONSEQUENTIAL) else own).append(entry)
+        else:
+            silent.append(entry)
+    if own or not (lost and silent):
+        if not (own or lost):
+            return f"no rank logged an error (killed from outside?); rank 0's log: {job.paths.stdout}"
+        rank, path, text = (own or lost)[0]
+        what = f"rank {rank} failed, see its log: {path}"
+    else:
+        rank, path, text = silent[0]
+        what = (f"rank {rank} ended without logging an error while rank {lost[0][0]} lost its connection to it "
+                f"(killed from outside, or out of memory?), see its log: {path}")
+    return what + ("" if rank == 0 else "\n" + "\n".join(text.rstrip().splitlines()[-15:]))
 
 
 def _data_problems(cfg) -> str | None:

@@ -1,7 +1,8 @@
 """One writer per run directory, and a rendezvous only this machine can reach.
 
 A real local 2-rank train job through ``python -m ltdist.launch``: while it runs, a second launch into the
-same run is refused naming the holder, and every socket its ranks listen on is bound to loopback.
+same run is refused naming the holder, and every socket its ranks listen on is bound to loopback; then
+rank 1 is killed and the launcher's last line names rank 1 (not rank 0, whose error is only the lost peer).
 Lock rules (stale holders, requeue) are checked on the lock file itself.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from data_fixtures import fmnist_lt  # noqa: F401  (a fixture, found by name)
 
 from ltdist import runlock
 
@@ -65,13 +68,13 @@ def _beats(run_dir: Path) -> list[dict] | None:
         beats = [json.loads((run_dir / "heartbeats" / f"rank{r}.json").read_text()) for r in range(2)]
     except (OSError, ValueError):
         return None
-    return beats if all(b["step"] >= 1 for b in beats) else None
+    return beats  # written when training starts (after the process group and the engine exist)
 
 
-def test_second_launch_is_refused_and_the_ranks_listen_on_loopback_only(fmnist_lt, tmp_path):
+def test_second_launch_is_refused_ranks_listen_on_loopback_and_a_killed_rank_is_named(fmnist_lt, tmp_path):  # noqa: F811
     common = ["stages=[train]", f"data.shards={fmnist_lt.parent}", f"output.root={tmp_path}", "experiment=lock",
-              "output.run_id=r", "model.arch=resnet8", "trainer.batch_size=32", "trainer.max_steps=60",
-              "trainer.epochs=1", "trainer.checkpoint_every=1000", "data.num_workers=0", "trainer.progress=false",
+              "output.run_id=r", "model.arch=resnet8", "trainer.batch_size=32", "trainer.max_steps=400",
+              "trainer.epochs=2", "trainer.checkpoint_every=1000", "data.num_workers=0", "trainer.progress=false",
               "launch.tasks_per_node=2", "trainer.device=cpu"]
     run_dir = tmp_path / "lock" / "r"
     first = _launch(common, tmp_path)
@@ -87,11 +90,15 @@ def test_second_launch_is_refused_and_the_ranks_listen_on_loopback_only(fmnist_l
         out, err = second.communicate(timeout=120)
         assert second.returncode == 2, out + err
         assert f"is in use by pid {holder.pid} on {socket.gethostname()}" in err and "running" in err, err
-        out, err = first.communicate(timeout=300)
+        os.kill(beats[1]["pid"], signal.SIGKILL)  # rank 1 dies: the launcher must name it, not rank 0
+        out, err = first.communicate(timeout=180)
     finally:
         if first.poll() is None:
             first.kill()
-    assert first.returncode == 0 and "completed" in out, out[-3000:] + err[-3000:]
+    assert first.returncode == 1, out[-3000:] + err[-3000:]
+    # rank 0's traceback is only the lost connection: the launcher names rank 1 and its log
+    assert "rank 1 ended without logging an error while rank 0 lost its connection to it" in err, err[-3000:]
+    assert f"see its log: {run_dir / 'logs'}/" in err and "_1_log.out" in err, err[-3000:]
     assert runlock.read_holder(run_dir) is None  # released at the end
 
 
