@@ -151,3 +151,14 @@ def test_deepspeed_presets_build_configs(preset, stage, precision):
     assert config["bf16"]["enabled"] is (precision == "bf16")
     if stage == 2:
         assert config["zero_optimization"]["overlap_comm"] is True
+
+
+def test_the_nonfinite_message_says_whether_a_checkpoint_exists():
+    from ltdist.engine.numerics import NonFiniteGuard, NonFiniteLossError
+
+    guard = NonFiniteGuard(1)
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet, so a relaunch starts from step 0"):
+        guard.record(False, 3)
+    guard.last_checkpoint = "runs/x/checkpoints/step_000000005 (step 5)"
+    with pytest.raises(NonFiniteLossError, match=r"the last checkpoint, runs/x/checkpoints/step_000000005 \(step 5\)"):
+        guard.record(False, 7)

@@ -16,7 +16,7 @@ written by this job).
 
 Safe loading: every file of a checkpoint is read into memory, its SHA-256 compared with ``commit.json``
 and only then unpickled, with ``torch.load(weights_only=True)``: tensors and plain containers, plus the
-few DeepSpeed classes listed in :data:`DEEPSPEED_SAFE_GLOBALS` (an enum and the loss-scaler state),
+few DeepSpeed classes :func:`_deepspeed_safe_globals` lists (an enum and the loss-scaler state),
 never an arbitrary callable. A file planted in a run directory cannot run code at resume.
 """
 
@@ -107,7 +107,7 @@ def format_bytes(n: float) -> str:
 
 
 def safe_load(path: Path, expected_sha256: str | None = None, map_location="cpu"):
-    """``torch.load(weights_only=True)`` of ``path`` (DeepSpeed's classes of :data:`DEEPSPEED_SAFE_GLOBALS`
+    """``torch.load(weights_only=True)`` of ``path`` (DeepSpeed's classes of :func:`_deepspeed_safe_globals`
     allowed), after checking its SHA-256 when ``expected_sha256`` is given. Errors name the file."""
     path = Path(path)
     data = path.read_bytes()
