@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+LOOPBACK = "127.0.0.1"
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -70,15 +71,40 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+_listening: list[socket.socket] = []  # the loopback store's listening socket, kept open for the process group
+
+
+def _loopback_store(port: int, rank: int, world_size: int, timeout_s: int) -> dist.TCPStore:
+    """The rendezvous store on 127.0.0.1 only: torch's TCPStore server listens on every interface, so rank 0
+    binds the socket itself and hands it over; the other ranks connect to it as clients."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore(LOOPBACK, port, world_size, False, timeout)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((LOOPBACK, port))
+    listener.listen(max(world_size, 128))
+    _listening.append(listener)
+    return dist.TCPStore(LOOPBACK, port, world_size, True, timeout, master_listen_fd=listener.fileno())
+
+
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Join (or create) the default process group; gloo on CPU, nccl on GPU.
 
     Ranks come from submitit's JobEnvironment, else torchrun variables, else a single process.
-    MASTER_ADDR/MASTER_PORT already in the environment win over derived ones.
+    MASTER_ADDR/MASTER_PORT already in the environment win over derived ones, except on one machine
+    (submitit's local executor, a single process, or a loopback MASTER_ADDR): there the rendezvous store
+    and gloo listen on 127.0.0.1 only, so nothing on the network can join the job or talk to its unauthenticated store.
     """
+    local = os.environ.get("SUBMITIT_EXECUTOR") == "local"
     info = _from_submitit() or _from_torchrun() or dict(
-        rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, master_addr="127.0.0.1", job_id="")
+        rank=0, world_size=1, local_rank=0, local_world_size=1, node_rank=0, master_addr=LOOPBACK, job_id="")
+    given = os.environ.get("MASTER_ADDR", info["master_addr"])
+    local = local or info["world_size"] == 1 or given in ("localhost", "::1") or given.startswith("127.")
     job_id = info.pop("job_id")
+    if local:
+        os.environ["MASTER_ADDR"] = LOOPBACK
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     addr = os.environ.setdefault("MASTER_ADDR", info.pop("master_addr"))
     port = int(os.environ.setdefault("MASTER_PORT", str(_port_for_job(job_id) if job_id else 29500)))
     dev = resolve_device(device, info["local_rank"])
@@ -88,8 +114,14 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=info["rank"],
-                                world_size=info["world_size"], timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if local:
+            store = _loopback_store(port, info["rank"], info["world_size"], timeout_s)
+            dist.init_process_group(backend=backend, store=store, rank=info["rank"], world_size=info["world_size"],
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=info["rank"],
+                                    world_size=info["world_size"], timeout=timeout)
     return DistEnv(master_port=port, master_addr=addr, backend=backend, device=dev,
                    hostname=socket.gethostname(), **info)
 
@@ -103,3 +135,5 @@ def barrier() -> None:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _listening:
+        _listening.pop().close()

@@ -35,14 +35,16 @@ class Job:
     from its newest verified checkpoint), so the requeued job continues where this one stopped.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, lock_token: str = ""):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.lock_token = lock_token  # the run directory's lock (ltdist.runlock) taken by the launch
 
     def __call__(self) -> dict:
         # Imports here keep the launcher light; these run on the compute node.
         from ltdist.distributed import init_distributed, shutdown_distributed
         from ltdist.preemption import install_preemption_handler
+        from ltdist.runlock import HeldLock
         from ltdist.stages import StageContext, run_stages
         from ltdist.watchdog import watchdog
 
@@ -55,9 +57,18 @@ class Job:
             env = init_distributed(self.cfg.trainer.device)
         log.info("job %s: rank %d/%d on %s (%s, %s), run dir %s", job_id, env.rank, env.world_size,
                  env.hostname, env.backend, env.device, self.run_dir)
+        lock = None
+        if env.is_main and self.lock_token:  # one writer per run: rank 0 holds the lock for the job
+            lock = HeldLock(self.run_dir, self.lock_token, os.environ.get("SLURM_JOB_ID", ""))
+        requeued = False
         try:
             run_stages(StageContext(cfg=self.cfg, run_dir=self.run_dir, dist=env))
+        except SystemExit:  # requeue_and_exit after a preemption: the requeued job takes the lock back
+            requeued = True
+            raise
         finally:
+            if lock is not None:
+                lock.close(release_lock=not requeued)
             shutdown_distributed()
         return {"run_dir": str(self.run_dir), "stages": list(self.cfg.stages), "rank": env.rank}
 
@@ -66,4 +77,4 @@ class Job:
         import submitit
 
         log.warning("requeueing job for %s", self.run_dir)
-        return submitit.helpers.DelayedSubmission(Job(self.cfg, self.run_dir))
+        return submitit.helpers.DelayedSubmission(Job(self.cfg, self.run_dir, self.lock_token))

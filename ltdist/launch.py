@@ -2,7 +2,11 @@
 
 The config is loaded and validated here, before anything is submitted; the run directory
 ``<output.root>/<experiment>/<run_id>/`` gets the resolved ``config.yaml`` and the submitit logs
-(``logs/``). A local job runs in processes on this machine and is always followed to its end.
+(``logs/``). Before submitting, the launcher takes the run directory's lock (:mod:`ltdist.runlock`: a
+second launch into a run in use is refused, naming the holder) and, when the run has checkpoints,
+refuses a resume whose training settings differ from them (:mod:`ltdist.config.fingerprint`) or whose
+checkpoints all fail verification; ``config.yaml`` is written only after these checks. A local job runs
+in processes on this machine and is always followed to its end.
 """
 
 from __future__ import annotations
@@ -157,15 +161,48 @@ def follow_job(job, cluster: str, poll_s: float = 1.0) -> int:
             final_state = "FINISHED"
         time.sleep(poll_s if final_state is None else 0.5)  # one more read of the log after the end
     if not job.paths.result_pickle.exists():
-        print(f"\njob {job.job_id} ended ({final_state}) without a result; see {log_path}", file=sys.stderr)
+        verdict = "was preempted" if final_state == "PREEMPTED" else f"was killed or failed ({final_state})"
+        print(f"\njob {job.job_id} {verdict} without a result; {_failing_rank_note(job)}", file=sys.stderr)
         return 1
     try:
         job.results()
     except Exception as exc:  # the job's own exception, re-raised by submitit with its traceback text
-        print(f"\njob {job.job_id} failed:\n{exc}", file=sys.stderr)
+        print(f"\njob {job.job_id} failed:\n{exc}\n{_failing_rank_note(job)}", file=sys.stderr)
         return 1
     print(f"\njob {job.job_id} completed")
     return 0
+
+
+# Errors a rank raises because a peer went away: the peer's own log has the cause.
+_CONSEQUENTIAL = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout")
+
+
+def _failing_rank_note(job) -> str:
+    """Which rank failed, as far as the ranks' logs (stdout and stderr) tell: the first with an error of its
+    own (a traceback that is not a lost connection to a peer, or the stall watchdog's line); else a rank
+    that logged no error while its peers lost their connection to it (killed from outside, out of memory).
+    The log's last lines are shown when it is not rank 0's."""
+    own, lost, silent = [], [], []
+    for rank in range(job.num_tasks):
+        paths = job.task(rank).paths
+        text = "".join(Path(p).read_text(errors="replace") for p in (paths.stdout, paths.stderr) if Path(p).exists())
+        entry = (rank, paths.stdout, text)
+        if "no training progress for" in text:
+            own.append(entry)
+        elif "Traceback (most recent call last)" in text:
+            (lost if any(marker in text for marker in _CONSEQUENTIAL) else own).append(entry)
+        else:
+            silent.append(entry)
+    if own or not (lost and silent):
+        if not (own or lost):
+            return f"no rank logged an error (killed from outside?); rank 0's log: {job.paths.stdout}"
+        rank, path, text = (own or lost)[0]
+        what = f"rank {rank} failed, see its log: {path}"
+    else:
+        rank, path, text = silent[0]
+        what = (f"rank {rank} ended without logging an error while rank {lost[0][0]} lost its connection to it "
+                f"(killed from outside, or out of memory?), see its log: {path}")
+    return what + ("" if rank == 0 else "\n" + "\n".join(text.rstrip().splitlines()[-15:]))
 
 
 def _data_problems(cfg) -> str | None:
@@ -182,6 +219,26 @@ def _data_problems(cfg) -> str | None:
     except DataConfigError as exc:
         return str(exc)
     return None
+
+
+def _resume_problems(cfg: DictConfig, run_dir: Path) -> str | None:
+    """When the run has checkpoints and trains again: the message refusing a resume whose training settings
+    differ from the newest verified checkpoint's (or whose checkpoints all fail verification), else None."""
+    if "train" not in cfg.stages:
+        return None
+    from ltdist.config.fingerprint import changed_settings, refusal, training_settings
+    from ltdist.engine.checkpoint import CheckpointError, find_resumable
+
+    try:
+        found, _ = find_resumable(run_dir / "checkpoints")
+    except CheckpointError as exc:
+        return None if cfg.trainer.allow_restart_from_scratch else str(exc)
+    if found is None:
+        return None
+    directory, marker = found
+    accepted = list(cfg.trainer.accept_changed_keys)
+    changes = changed_settings(marker.get("settings", {}), training_settings(cfg), accepted)
+    return refusal(str(directory), changes) if changes else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,20 +272,40 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# local executor: {cfg.launch.tasks_per_node} process(es) on this machine")
         return 0
 
+    from ltdist import runlock
     from ltdist.job import Job
 
+    token = runlock.new_token()
+    try:  # one writer per run: refused here, before anything is submitted or written
+        runlock.acquire(run_dir, token, "submitting", slurm_state=slurm_job_state if args.cluster == "slurm" else None)
+    except runlock.RunLocked as exc:
+        print(f"ltdist launch: {exc}", file=sys.stderr)
+        return 2
+    problems = _resume_problems(cfg, run_dir)
+    if problems:
+        runlock.release(run_dir, token)
+        print(f"ltdist launch: {problems}", file=sys.stderr)
+        return 2
     _write_config(cfg, run_dir)
     executor = build_executor(args.cluster, cfg, log_dir)
     try:
-        job = executor.submit(Job(cfg, run_dir))
+        job = executor.submit(Job(cfg, run_dir, token))
     except Exception as exc:  # sbatch errors arrive as FailedJobError/CalledProcessError with Slurm's text
+        runlock.release(run_dir, token)
         print(f"ltdist launch: submission failed: {exc}", file=sys.stderr)
         return 1
+    if args.cluster == "slurm":
+        runlock.update(run_dir, token, slurm_job_id=str(job.job_id), heartbeat=time.time())
     print(f"job id:        {job.job_id}")
     print(f"run directory: {run_dir}")
     print(f"rank 0 log:    {job.paths.stdout}")
     print(f"all logs:      {log_dir}")
-    if args.wait or args.cluster == "local":
+    if args.cluster == "local":  # the job ends with this process: never leave its lock behind
+        try:
+            return follow_job(job, args.cluster)
+        finally:
+            runlock.release(run_dir, token)
+    if args.wait:
         return follow_job(job, args.cluster)
     return 0
 

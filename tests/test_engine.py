@@ -7,6 +7,7 @@ inside an epoch and resumed, killed while writing a checkpoint and resumed; plus
 import hashlib
 import io
 import json
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -53,7 +54,7 @@ def _rank_main(rank: int, port: int, run_dir: str, overrides: list[str], scenari
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from ltdist.config.load import load_config
     from ltdist.distributed import init_distributed
-    from ltdist.engine.checkpoint import tag_for
+    from ltdist.engine.checkpoint import CheckpointError, tag_for
     from ltdist.engine.numerics import NonFiniteLossError
     from ltdist.engine.requeue_log import NoProgressError
     from ltdist.preemption import Preempted, install_preemption_handler, request_preemption
@@ -61,6 +62,7 @@ def _rank_main(rank: int, port: int, run_dir: str, overrides: list[str], scenari
     from ltdist.stages.train import build_trainer
 
     install_preemption_handler()  # as the Job does; outside submitit requeue_and_exit raises Preempted
+    logging.basicConfig(level=logging.INFO, filename=Path(out) / f"log_{rank}.txt", force=True)
     env = init_distributed("cpu")
     cfg = load_config(None, overrides)
     keys_path = Path(out) / f"keys_{rank}.jsonl"
@@ -72,6 +74,8 @@ def _rank_main(rank: int, port: int, run_dir: str, overrides: list[str], scenari
             f.write(json.dumps([step, list(batch.keys), digest]) + "\n")
         if rank == 1 and step == scenario.get("signal_at_step"):
             os.kill(os.getpid(), signal.SIGUSR2)  # the real signal submitit forwards before a time limit
+        if rank == 1 and step == scenario.get("stop_at_step"):
+            os.kill(os.getpid(), signal.SIGSTOP)  # a hung rank: alive, silent, never reaching a collective
 
     def loss_hook(step, loss):
         calls["n"] += 1
@@ -92,6 +96,8 @@ def _rank_main(rank: int, port: int, run_dir: str, overrides: list[str], scenari
         result["outcome"] = "preempted"
     except NoProgressError as e:
         result.update(outcome="no_progress", message=str(e))
+    except CheckpointError as e:
+        result.update(outcome="checkpoint_error", message=str(e))
     except NonFiniteLossError as e:
         result.update(outcome="nonfinite", message=str(e), skipped=trainer.guard.skipped)
         if rank == 1:  # poison one rank's weights: no rank may write the checkpoint
@@ -115,8 +121,8 @@ def launch(run_dir: Path, out: Path, scenario: dict | None = None, extra: list[s
     for p in procs:
         p.start()
     procs[0].join(timeout_s)
-    if procs[0].exitcode == -signal.SIGKILL:  # rank 0 died: its peer waits in a collective forever
-        procs[1].terminate()
+    if procs[0].exitcode not in (0, None):  # rank 0 died: its peer waits in a collective forever (or is stopped)
+        procs[1].kill()
     for p in procs:
         p.join(timeout_s)
         if p.is_alive():

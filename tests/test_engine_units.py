@@ -1,5 +1,6 @@
 """Engine pieces without processes: DeepSpeed config, LR rule and schedule, commit markers, numerics guard."""
 
+import hashlib
 import json
 import math
 
@@ -49,29 +50,58 @@ def test_warmup_then_cosine():
     assert lr_at(5, peak, total, 0, "constant") == peak
 
 
-def _fake_checkpoint(root, step, commit=True, truncate=False):
+def _fake_checkpoint(root, step, commit=True, damage=None):
     d = root / ckpt.tag_for(step)
     d.mkdir(parents=True)
-    (d / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
-    (d / "ltdist_rank0.pt").write_bytes(b"y" * 10)
+    contents = {"mp_rank_00_model_states.pt": b"x" * 100, "ltdist_rank0.pt": b"y" * 10}
+    for name, data in contents.items():
+        (d / name).write_bytes(data)
     if commit:
-        files = {"mp_rank_00_model_states.pt": 100, "ltdist_rank0.pt": 10}
+        files = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                 for name, data in contents.items()}
         (d / ckpt.COMMIT_FILE).write_text(json.dumps({"step": step, "world_size": 1, "files": files}))
-    if truncate:
+    if damage == "truncate":
         (d / "mp_rank_00_model_states.pt").write_bytes(b"x" * 50)
+    elif damage == "same-size":
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"x" * 40 + b"z" * 20 + b"x" * 40)
     return d
 
 
-def test_latest_verified_skips_uncommitted_and_damaged(tmp_path):
-    assert ckpt.latest_verified(tmp_path / "none") is None
+def test_resume_walks_back_past_damaged_checkpoints_and_says_why(tmp_path, caplog):
+    assert ckpt.find_resumable(tmp_path / "none") == (None, [])
     _fake_checkpoint(tmp_path, 10)
     _fake_checkpoint(tmp_path, 20)
-    _fake_checkpoint(tmp_path, 30, truncate=True)  # marker written, file damaged afterwards
-    _fake_checkpoint(tmp_path, 40, commit=False)  # killed before the commit
-    directory, marker = ckpt.latest_verified(tmp_path)
+    _fake_checkpoint(tmp_path, 30, damage="same-size")  # marker written, content changed afterwards
+    _fake_checkpoint(tmp_path, 40, damage="truncate")
+    _fake_checkpoint(tmp_path, 50, commit=False)  # killed before the commit
+    with caplog.at_level("WARNING", logger="ltdist.engine.checkpoint"):
+        (directory, marker), rejected = ckpt.find_resumable(tmp_path)
     assert directory.name == ckpt.tag_for(20) and marker["step"] == 20
-    ckpt._prune(tmp_path, keep=1)  # older than the newest verified one goes, newer partial ones stay
-    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.tag_for(s) for s in (20, 30, 40)]
+    assert [d.name for d in rejected] == [ckpt.tag_for(s) for s in (50, 40, 30)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3 and all(m.startswith("rejected checkpoint step_") for m in messages)
+    assert "commit.json is missing" in messages[0]
+    assert "mp_rank_00_model_states.pt has 50 bytes, 100 recorded" in messages[1]
+    assert "mp_rank_00_model_states.pt: SHA-256 differs" in messages[2]
+    # the job's walk sets them aside: committed ones kept under rejected/, the uncommitted one deleted
+    assert ckpt.select_checkpoint(tmp_path, allow_restart=False)[0].name == ckpt.tag_for(20)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [ckpt.tag_for(s) for s in (10, 20)]
+    assert sorted(p.name[:14] for p in (tmp_path / "rejected").iterdir()) == [ckpt.tag_for(s) for s in (30, 40)]
+    _fake_checkpoint(tmp_path, 60)  # the next save
+    ckpt._prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [ckpt.tag_for(s) for s in (20, 60)]
+
+
+def test_all_checkpoints_damaged_refuses_to_restart_and_names_the_key(tmp_path):
+    _fake_checkpoint(tmp_path, 10, damage="truncate")
+    _fake_checkpoint(tmp_path, 20, commit=False)
+    with pytest.raises(ckpt.CheckpointError, match=r"trainer\.allow_restart_from_scratch=true") as refused:
+        ckpt.find_resumable(tmp_path)
+    assert "step_000000010" in str(refused.value) and "step_000000020" in str(refused.value)
+    with pytest.raises(ckpt.CheckpointError):
+        ckpt.select_checkpoint(tmp_path, allow_restart=False)
+    assert ckpt.select_checkpoint(tmp_path, allow_restart=True) is None
+    assert not list(tmp_path.glob("step_*")) and len(list((tmp_path / "rejected").iterdir())) == 1
 
 
 def test_rng_state_roundtrip():
@@ -121,3 +151,14 @@ def test_deepspeed_presets_build_configs(preset, stage, precision):
     assert config["bf16"]["enabled"] is (precision == "bf16")
     if stage == 2:
         assert config["zero_optimization"]["overlap_comm"] is True
+
+
+def test_the_nonfinite_message_says_whether_a_checkpoint_exists():
+    from ltdist.engine.numerics import NonFiniteGuard, NonFiniteLossError
+
+    guard = NonFiniteGuard(1)
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet, so a relaunch starts from step 0"):
+        guard.record(False, 3)
+    guard.last_checkpoint = "runs/x/checkpoints/step_000000005 (step 5)"
+    with pytest.raises(NonFiniteLossError, match=r"the last checkpoint, runs/x/checkpoints/step_000000005 \(step 5\)"):
+        guard.record(False, 7)

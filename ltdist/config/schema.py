@@ -85,6 +85,14 @@ class TrainerConfig:
     max_nonfinite_steps: int = 5  # consecutive non-finite losses that stop the run
     keep_checkpoints: int = 2  # newest verified checkpoints kept on disk
     progress: bool = True  # tqdm bar on rank 0 when attached to a terminal
+    # A rank that makes no training progress for this long (a hung or stopped peer, a stuck collective) logs
+    # which rank stalled and where it waits, then fails the job; 0 disables the watchdog.
+    stall_timeout_s: float = 600.0
+    # When checkpoints exist but none verifies (corrupt, truncated), train from step 0 instead of refusing.
+    allow_restart_from_scratch: bool = False
+    # Training settings (ltdist.config.fingerprint) that may differ from the checkpoint's on resume,
+    # e.g. [optim.lr]. trainer.epochs and trainer.max_steps may always change (extending a run).
+    accept_changed_keys: list[str] = field(default_factory=list)
 
 
 @dataclass

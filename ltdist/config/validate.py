@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ltdist.config.fingerprint import training_keys
 from ltdist.config.load import ConfigError
 from ltdist.data.meta_set import META_SOURCES
 from ltdist.engine.speed import MEMORY_FORMATS
@@ -114,6 +115,12 @@ def validate_config(cfg: DictConfig) -> None:
     check("trainer.checkpoint_every", at_least_one, "must be ≥ 1")
     check("trainer.max_nonfinite_steps", at_least_one, "must be ≥ 1")
     check("trainer.keep_checkpoints", at_least_one, "must be ≥ 1")
+    check("trainer.stall_timeout_s", non_negative, "must be ≥ 0 seconds (0 disables the stall watchdog)")
+    known = training_keys()
+    for key in cfg.trainer.accept_changed_keys:
+        if key not in known:
+            problems.append(f"trainer.accept_changed_keys: {key!r} is not a training setting; known: "
+                            f"{', '.join(known)}")
     world = world_size_of(cfg)
     batch, accum = cfg.trainer.batch_size, cfg.trainer.grad_accum
     if batch >= 1 and accum >= 1 and world >= 1 and batch % (world * accum) != 0:

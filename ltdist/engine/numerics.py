@@ -20,6 +20,7 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.skipped = 0
+        self.last_checkpoint: str | None = None  # set by the trainer at each save / resume, for the message
 
     def record(self, finite: bool, step: int) -> None:
         if finite:
@@ -28,10 +29,12 @@ class NonFiniteGuard:
         self.consecutive += 1
         self.skipped += 1
         if self.consecutive >= self.max_consecutive:
+            where = (f"the last checkpoint, {self.last_checkpoint}, is intact" if self.last_checkpoint else
+                     "no checkpoint was written yet, so a relaunch starts from step 0")
             raise NonFiniteLossError(
                 f"{self.consecutive} consecutive non-finite losses (at step {step}, {self.skipped} skipped in "
                 f"total; limit trainer.max_nonfinite_steps={self.max_consecutive}): stopping. Lower optim.lr, "
-                f"enable optim.grad_clip or check the data; the last verified checkpoint is intact.")
+                f"enable optim.grad_clip or check the data; {where}.")
 
     def state_dict(self) -> dict:
         return {"consecutive": self.consecutive, "skipped": self.skipped}

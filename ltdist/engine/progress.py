@@ -66,9 +66,11 @@ class TrainProgress:
                      _percent(record["accuracy"]), record["lr"], record["images_per_s"],
                      100 * record["data_wait_fraction"], self._timing(record["step"]))
 
-    def log_epoch(self, epoch: int, step: int, window: StepWindow, val: dict | None) -> dict:
+    def log_epoch(self, epoch: int, step: int, window: StepWindow, val: dict | None,
+                  data_skips: dict[str, int] | None = None) -> dict:
         """The epoch-end line (``epoch`` counts from 1, ``val`` as from :func:`ltdist.engine.metrics.validate`
-        or None); returns the epoch's train summary and starts the next epoch's totals."""
+        or None, ``data_skips`` the samples skipped so far by reason); returns the epoch's train summary and
+        starts the next epoch's totals."""
         now = time.perf_counter()
         totals = self._totals(window)
         loss_sum, correct, samples, wait = (t - b for t, b in zip(totals, self._epoch_base))
@@ -78,10 +80,12 @@ class TrainProgress:
         self._epoch_base, self._epoch_started = totals, now
         if self.enabled:
             groups = "/".join(_percent(val.get(g)) for g in ("many", "medium", "few", "all")) if val else "none"
+            skips = sum((data_skips or {}).values())
+            reasons = ", ".join(f"{r} {n}" for r, n in sorted((data_skips or {}).items()) if n)
             log.info("epoch %d/%d done: step %d/%d loss %.4f train acc %s%% val many/medium/few/all %s%% "
-                     "%.0f img/s data-wait %.0f%% %s", epoch, self.epochs, step, self.total_steps, summary["loss"],
-                     _percent(summary["accuracy"]), groups, summary["images_per_s"],
-                     100 * summary["data_wait_fraction"], self._timing(step))
+                     "%.0f img/s data-wait %.0f%% data skips %d%s %s", epoch, self.epochs, step, self.total_steps,
+                     summary["loss"], _percent(summary["accuracy"]), groups, summary["images_per_s"],
+                     100 * summary["data_wait_fraction"], skips, f" ({reasons})" if reasons else "", self._timing(step))
         return summary
 
 

@@ -20,6 +20,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from ltdist.config.fingerprint import changed_settings, training_settings
+from ltdist.config.fingerprint import refusal as settings_refusal
 from ltdist.data.meta_set import MetaSet
 from ltdist.distributed import DistEnv, barrier
 from ltdist.engine import checkpoint as ckpt
@@ -35,6 +37,7 @@ from ltdist.methods.objectives import build_objective
 from ltdist.models import LongTailModel, export_model
 from ltdist.models.weights import build_configured_model, write_weights_record
 from ltdist.preemption import preemption_agreed, requeue_and_exit
+from ltdist.watchdog import StallWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ class Trainer:
         self.micro_in_window = 0
         self._stream_state: dict | None = None
         self._last_saved_step = -1
+        self.stall = StallWatchdog(0.0, self.run_dir / "heartbeats", env.rank, env.world_size)  # armed by fit()
 
     @property
     def model(self) -> LongTailModel:
@@ -123,22 +127,28 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _resume(self) -> None:
-        found = ckpt.latest_verified(self.ckpt_root)
+        found = ckpt.select_checkpoint(self.ckpt_root, self.cfg.trainer.allow_restart_from_scratch)
         if found is None:
             return
-        directory, _ = found
-        client, mine = ckpt.load_checkpoint(self.engine, directory, self.env.rank)
+        directory, marker = found
+        changes = changed_settings(marker.get("settings", {}), training_settings(self.cfg, self.env.world_size),
+                                   list(self.cfg.trainer.accept_changed_keys))
+        if changes:
+            raise ckpt.CheckpointError(settings_refusal(str(directory), changes))
+        client, mine = ckpt.load_checkpoint(self.engine, directory, marker, self.env.rank)
         self.step, self.epoch, self.consumed_in_epoch = client["step"], client["epoch"], client["consumed_in_epoch"]
         self.guard.load_state_dict(client["guard"])
         self.objective.load_state_dict(client.get("objective", {"name": "ce"}))
         self._stream_state = mine["stream"]
         ckpt.set_rng_state(mine["rng"])
         self._last_saved_step = self.step
+        self.guard.last_checkpoint = f"{directory} (step {self.step})"
         log.info("rank %d: resumed from %s (step %d, epoch %d, batch %d of the epoch)", self.env.rank,
                  directory, self.step, self.epoch, self.consumed_in_epoch)
 
     def save(self) -> None:
         """Save on all ranks (collective); refuses to write non-finite weights."""
+        self.stall.tick("saving a checkpoint", self.step)
         bad = nonfinite_parameters(self.model)
         if _all_reduce_sum(torch.tensor([float(len(bad))])).item() > 0:
             where = bad[:5] or "another rank's weights"
@@ -146,9 +156,10 @@ class Trainer:
         client = {"step": self.step, "epoch": self.epoch, "consumed_in_epoch": self.consumed_in_epoch,
                   "guard": self.guard.state_dict(), "objective": self.objective.state_dict()}
         mine = {"stream": self.stream.state_dict() if self.consumed_in_epoch else None, "rng": ckpt.rng_state()}
-        ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, mine, self.env.rank,
-                             self.keep_checkpoints)
+        directory = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, mine, self.env.rank,
+                                         self.keep_checkpoints, training_settings(self.cfg, self.env.world_size))
         self._last_saved_step = self.step
+        self.guard.last_checkpoint = f"{directory} (step {self.step})"
 
     def _preempt(self, started_as_requeue: bool, start_step: int) -> None:
         requeue_log.check_progress(started_as_requeue, start_step, self.step)
@@ -157,6 +168,7 @@ class Trainer:
         if self.env.is_main:
             requeue_log.append_event(self.ckpt_root, "preempted", self.step)
         self.sink.write({"stage": "train", "event": "preempted", "step": self.step}, self.step)
+        self.stall.close()  # the ranks now wait to be stopped by the requeue
         requeue_and_exit(self.env.rank)
 
     # ---- one micro-step ----------------------------------------------------------------------------
@@ -204,7 +216,24 @@ class Trainer:
         self.progress.log_step(record, window)
         window.reset()
 
+    def _data_skips(self) -> dict[str, int]:
+        """Samples the stream skipped so far (corrupt, invalid) over all ranks, by reason (a collective);
+        rank 0 records them in metrics.jsonl (``event: data_skips``), the evaluate report shows them."""
+        mine = dict(getattr(self.stream, "skip_counts", {}))  # a stream that cannot skip reports none
+        everyone: list = [mine]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        total: dict[str, int] = {}
+        for counts in everyone:
+            for reason, n in counts.items():
+                total[reason] = total.get(reason, 0) + int(n)
+        self.sink.write({"stage": "train", "event": "data_skips", "step": self.step, "epoch": self.epoch,
+                         "data_skips": sum(total.values()), "by_reason": total}, self.step)
+        return total
+
     def _validate(self) -> dict | None:
+        self.stall.tick("validating", self.step)
         if self.val_batches is None:
             return None
         accuracy = validate(self.model, self.val_batches(), self.groups, self.num_classes, self.env.device,
@@ -234,7 +263,18 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def fit(self) -> LongTailModel:
-        """Resume from the newest verified checkpoint, train to the end, export ``weights/final.pt``."""
+        """Resume from the newest verified checkpoint, train to the end, export ``weights/final.pt``.
+
+        A rank without progress for ``trainer.stall_timeout_s`` fails the job (:class:`StallWatchdog`)."""
+        self.stall = StallWatchdog(self.cfg.trainer.stall_timeout_s, self.run_dir / "heartbeats", self.env.rank,
+                                   self.env.world_size)
+        try:
+            return self._fit()
+        finally:
+            self.stall.close()
+
+    def _fit(self) -> LongTailModel:
+        self.stall.tick("resuming (rank 0 verifies the checkpoints, every rank loads one)", self.step)
         self._resume()
         start_step = self.step
         started_as_requeue = requeue_log.is_requeue(requeue_log.read_events(self.ckpt_root))
@@ -266,6 +306,7 @@ class Trainer:
                     break  # finish the epoch (validation, checkpoint) before acting on a preemption
                 if at_boundary and preemption_agreed():
                     self._preempt(started_as_requeue, start_step)
+                self.stall.tick("waiting for its next batch from the data stream", self.step)
                 waited = time.perf_counter()
                 batch = next(batches, None)
                 window.data_wait_s += time.perf_counter() - waited
@@ -273,6 +314,8 @@ class Trainer:
                     break
                 self.consumed_in_epoch += 1
                 before = self.step
+                self.stall.tick("in a micro-step (forward, backward, the all-reduces of loss and gradients)",
+                                self.step)
                 self._micro_step(batch, window)
                 if self.step == before:
                     continue
@@ -283,12 +326,13 @@ class Trainer:
                     self.save()
             if self.consumed_in_epoch >= epoch_micro or self.step < self.total_steps:
                 self.epoch, self.consumed_in_epoch = self.epoch + 1, 0  # a full pass (or the stream ran dry)
-                self.progress.log_epoch(self.epoch, self.step, window, self._validate())
+                self.progress.log_epoch(self.epoch, self.step, window, self._validate(), self._data_skips())
                 if self.micro_in_window == 0 and self.step != self._last_saved_step:
                     self.save()
         bar.close()
         if self.consumed_in_epoch:  # stopped inside an epoch (max_steps): validate the final weights too
             self._validate()
+            self._data_skips()
         if self.step != self._last_saved_step:
             self.save()
         master = self._fp32_master_weights()

@@ -16,6 +16,7 @@ count, and ``plots/accuracy_histogram.png`` shows the spread of per-class top-1 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,10 +169,12 @@ def head_classifier_set(run_dir: Path) -> ClassifierSet:
 def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test: dict, train_counts: list[int], *,
                  dataset: str, out_dir: Path, many_threshold: int, few_threshold: int, per_class_rows_max: int,
                  device: torch.device | str = "cpu", health: dict | None = None,
+                 run_notes: list[str] | None = None,
                  weights: dict | None = None) -> tuple[Path, str]:
     """Score every classifier, write the report files and plots into ``out_dir``; return (report.md, tables).
 
     Past ``per_class_rows_max`` classes the per-class table and plot are binned by training count.
+    ``run_notes``: lines about the run itself (e.g. :func:`training_notes`), listed with the report's notes.
     ``weights``: where the backbone's weights came from (``weights/source.json``), kept in report.json and
     named in report.md's notes. ``health``: the run's prototype health for the report, or None.
     """
@@ -185,7 +188,7 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
     tables: dict[str, list[TableSection]] = {}
     notes = [f"top-1 (%) on the test split ({labels.numel()} samples); many-shot n > {many_threshold}, "
              f"few-shot n < {few_threshold} training samples, medium otherwise; group = mean per-class "
-             f"accuracy, Total = all test samples"]
+             f"accuracy, Total = all test samples", *(run_notes or [])]
     if weights is not None:
         notes.append(f"backbone started from {weights['path'] or weights.get('pretrained')}"
                      + (f" (sha256 {weights['sha256']})" if weights.get("sha256") else " (the library's weights)"))
@@ -235,6 +238,19 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
     return path, printed
 
 
+def training_notes(run_dir: Path) -> list[str]:
+    """The train stage's data skips (its last ``data_skips`` record in metrics.jsonl), as a report note."""
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    skips = [r for r in records if r.get("event") == "data_skips"]
+    if not skips:
+        return []
+    last = skips[-1]
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(last["by_reason"].items()) if n)
+    return [f"training skipped {last['data_skips']} samples of the train stream (corrupt or invalid; "
+            f"data.max_skip_fraction bounds them){f' — {reasons}' if reasons else ''}"]
+
+
 def run(ctx: StageContext) -> None:
     cfg = ctx.cfg
     if ctx.dist.is_main:
@@ -264,6 +280,7 @@ def run(ctx: StageContext) -> None:
                                      many_threshold=cfg.evaluate.many_threshold,
                                      few_threshold=cfg.evaluate.few_threshold,
                                      per_class_rows_max=cfg.evaluate.per_class_rows_max, device=ctx.dist.device,
-                                     health=health, weights=read_weights_record(ctx.run_dir / "weights"))
+                                     health=health, run_notes=training_notes(ctx.run_dir),
+                                     weights=read_weights_record(ctx.run_dir / "weights"))
         print(f"{printed}\n\nreport: {path}", flush=True)
     barrier()

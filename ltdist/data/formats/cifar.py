@@ -26,7 +26,10 @@ class _ArraysOnly(pickle.Unpickler):
 
 def _unpickle(path: Path) -> dict:
     with open(path, "rb") as f:
-        return _ArraysOnly(f, encoding="bytes").load()
+        try:
+            return _ArraysOnly(f, encoding="bytes").load()
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"cifar: {path}: {e}") from e
 
 
 def _images(batch: dict) -> np.ndarray:
