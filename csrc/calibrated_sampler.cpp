@@ -132,7 +132,11 @@ at::Tensor class_gemm(const at::Tensor& e, const at::Tensor& z, Precision precis
     for (int64_t b = begin; b < end; ++b) {
       const int64_t c0 = b * kColumnBlock, width = std::min(kColumnBlock, d - c0);
       const at::Tensor zb = z.narrow(1, c0, width);
-      p.narrow(1, c0, width).copy_(at::mm(a, bf16 ? zb.to(at::kBFloat16) : zb));
+      at::Tensor pb = p.narrow(1, c0, width);  // row stride d: the BLAS writes it directly (ldc = d)
+      if (bf16)
+        pb.copy_(at::mm(a, zb.to(at::kBFloat16)));
+      else
+        at::mm_out(pb, a, zb);
     }
   });
   return p;
