@@ -164,7 +164,8 @@ def test_one_and_two_sample_classes_an_empty_class_and_a_nan_feature(tmp_path):
 
 def test_config_rejects_bad_mpfa_values():
     bad = {"centres": "mean", "beta_form": "diagonal", "count": "more", "classifier": "mlp", "scale": "0",
-           "batch_size": "0", "draw_window": "0", "precision": "fp16", "lr": "0", "momentum": "1.0", "weight_decay": "-1"}
+           "batch_size": "0", "draw_window": "0", "precision": "fp16",
+           "lr": "0", "momentum": "1.0", "weight_decay": "-1"}
     with pytest.raises(ConfigError) as info:
         validate_config(load_config(overrides=[f"method.mpfa.{k}={v}" for k, v in bad.items()]))
     for key in bad:

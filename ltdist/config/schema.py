@@ -140,7 +140,8 @@ class MPFAConfig:
     # call (one GEMM per class term, the larger the faster); memory per rank ≈ draw_window / ranks × d × 4 B
     # (+ the GEMM's rows of the largest class). The epoch stays fully shuffled whatever the value.
     draw_window: int = 65536
-    precision: str = "auto"  # sampler GEMMs: fp32 | tf32 (CUDA) | bf16 (fp32 accumulation) | auto: tf32 on CUDA, else fp32
+    # sampler GEMMs: fp32 | tf32 (CUDA) | bf16 (fp32 accumulation) | auto: tf32 on CUDA, else fp32
+    precision: str = "auto"
     lr: float = 0.05  # SGD learning rate (cosine decay to 0 over the retrain)
     momentum: float = 0.9
     weight_decay: float = 5e-4

@@ -94,7 +94,7 @@ def matmul_reference(plan: AugmentationPlan, terms: dict[int, int]) -> dict[str,
     normals = {k: torch.randn(r, offsets[k + 1] - offsets[k]) for k, r in terms.items()}
     flops = sum(2.0 * e.numel() * bank.shape[1] for e in normals.values())
     same = timed(lambda: [torch.matmul(e, bank[offsets[k]:offsets[k + 1]]) for k, e in normals.items()])
-    del normals
+    normals.clear()  # free the normals before the large GEMM
     n = 1024
     b = torch.randn(n, bank.shape[1])
     a = torch.randn(max(1, round(flops / (2 * n * bank.shape[1]))), n)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     # one draw window: generated features of the searched rows, in proportion to what they generate, one
     # sampler call (the call groups them by class); a warm-up call first
     sources = torch.multinomial((per_source * generating).double(), args.window, replacement=True, generator=gen)
-    draw = lambda s: draw_features(plan, s, alpha=0.4, beta=0.05, beta_form="identity", seed=1,  # noqa: E731
+    draw = lambda s: draw_features(plan, s, alpha=0.4, beta=0.05, beta_form="identity", seed=1,
                                    streams=torch.arange(s.numel()), precision=args.precision)
     draw(sources[:256])
     gen_s = timed(lambda: draw(sources))

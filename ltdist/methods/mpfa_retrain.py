@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from ltdist.distributed import barrier
 from ltdist.fileio import torch_save_atomic
-from ltdist.methods.classifier_set import LinearScorer, balanced_accuracy, power_normalise
 from ltdist.kernels.calibrated_sampler import default_precision
+from ltdist.methods.classifier_set import LinearScorer, balanced_accuracy, power_normalise
 from ltdist.methods.mpfa import AugmentationPlan, draw_features
 
 log = logging.getLogger(__name__)
