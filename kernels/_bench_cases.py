@@ -177,14 +177,26 @@ def numpy_loop_factory(args, sources: int) -> Callable[[], object]:
     return run
 
 
+def matmul_factory(args) -> Callable[[], object]:
+    """torch.matmul on the sampler's own GEMM shapes: per class term, [draws, N_k] normals × the class's
+    bank rows (here every class is the term of one source, so draws = R)."""
+    bank, offsets, _, _, own, neighbours, _ = args
+    off = offsets.tolist()
+    classes = torch.cat([own[:, None], neighbours], dim=1).flatten().tolist()
+    pairs = [(torch.randn(SAMPLES_PER_SOURCE, off[c + 1] - off[c], device=bank.device), bank[off[c]:off[c + 1]])
+             for c in classes]
+    return lambda: [torch.matmul(e, z) for e, z in pairs]
+
+
 def sampler_cases(dims, sources: int, device: torch.device, numpy_sources: Callable[[int], int]) -> Iterator[Case]:
     for d in dims:
         args = sampler_problem(d, sources, device)
         rows = int((args[1][1:] - args[1][:-1])[args[5]].sum() + 5 * sources)
-        impls: dict = {"fast": lambda a=args: calibrated_sample(*a, 0.4, 0.05, SAMPLES_PER_SOURCE, 0)}
+        impls: dict = {"fast": lambda a=args: calibrated_sample(*a, 0.4, 0.05, SAMPLES_PER_SOURCE, 0),
+                       "matmul": matmul_factory(args)}
         if d <= 512:
             impls["dense_cholesky"] = lambda a=args: calibrated_sample_dense(*a, 0.4, 0.05, SAMPLES_PER_SOURCE)
-        units = {"fast": sources, "dense_cholesky": sources}
+        units = {"fast": sources, "matmul": sources, "dense_cholesky": sources}
         if device.type == "cpu":
             units["numpy_loop"] = numpy_sources(d)
             impls["numpy_loop"] = numpy_loop_factory(args, units["numpy_loop"])

@@ -2,7 +2,8 @@
 
 For each op and shape: median and p20/p80 time of the fast path (Triton / C++ / CUDA), eager PyTorch
 and torch.compile, plus op baselines (two matmuls for KT attention; the per-source
-``numpy.random.multivariate_normal`` loop and the dense Cholesky path for the sampler). On a GPU also
+``numpy.random.multivariate_normal`` loop, the dense Cholesky path and ``torch.matmul`` on the sampler's
+own GEMM shapes, with the sampler's GFLOP/s as a fraction of it). On a GPU also
 the roofline from the measured peak (large matmul, device copy) and % of roofline. Writes
 ``results.csv``, ``results.json`` and ``times.png`` under ``--out``.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from ltdist.kernels import _bench_cases as cases
 
-IMPL_ORDER = ["fast", "eager", "compile", "two_matmuls", "dense_cholesky", "numpy_loop"]
+IMPL_ORDER = ["fast", "eager", "compile", "two_matmuls", "matmul", "dense_cholesky", "numpy_loop"]
 
 
 def _sync(device: torch.device) -> None:
@@ -118,13 +119,19 @@ def run_case(case: cases.Case, device: torch.device, peaks: dict[str, float] | N
 
 
 def sampler_ratios(rows: list[dict]) -> list[dict]:
-    """Per-source speed-up of the C++ sampler over the numpy loop, per shape."""
+    """Per shape: the sampler's GFLOP/s against torch.matmul on the same GEMM shapes (same run), and its
+    per-source speed-up over the numpy loop."""
     out = []
     by_shape: dict[str, dict[str, dict]] = {}
     for r in rows:
         if r["op"] == "calibrated_sampler":
             by_shape.setdefault(r["shape"], {})[r["impl"]] = r
     for shape, impls in by_shape.items():
+        if "matmul" in impls:
+            fast, ref = (impls[k]["flops"] / impls[k]["median_ms"] / 1e6 for k in ("fast", "matmul"))
+            out.append(dict(shape=shape, gflop_per_s=fast, matmul_gflop_per_s=ref, fraction_of_matmul=fast / ref))
+            print(f"sampler {shape}: {fast:.1f} GFLOP/s, torch.matmul on the same shapes {ref:.1f} GFLOP/s "
+                  f"→ {100 * fast / ref:.0f} %")
         if "numpy_loop" in impls:
             ratio = impls["numpy_loop"]["median_ms_per_unit"] / impls["fast"]["median_ms_per_unit"]
             out.append(dict(shape=shape, numpy_ms_per_source=impls["numpy_loop"]["median_ms_per_unit"],
@@ -136,8 +143,8 @@ def sampler_ratios(rows: list[dict]) -> list[dict]:
 
 def sampler_memory(d: int = 2048, features: int = 437_513, classes: int = 8142) -> dict[str, float]:
     """iNaturalist-sized sampler memory (analytic): the bank vs one d×d covariance per class."""
-    threads = torch.get_num_threads()
-    scratch = threads * 4 * 1000 * cases.SAMPLES_PER_SOURCE  # per-thread normals: rows × draws floats
+    # one class term of a call: its normals [draws, N_k] and its GEMM result [draws, d] (N_k = 1000)
+    scratch = 4 * cases.SAMPLES_PER_SOURCE * (1000 + d)
     return dict(bank_gb=features * d * 4 / 1e9, per_class_covariances_gb=classes * d * d * 4 / 1e9,
                 sampler_scratch_mb=scratch / 1e6)
 
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                 torch=torch.__version__, threads=torch.get_num_threads(), shapes=args.shapes, peaks=peaks,
-                sampler_speedup_vs_numpy=ratios, sampler_memory=sampler_memory())
+                sampler_ratios=ratios, sampler_memory=sampler_memory())
     (args.out / "results.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
     with (args.out / "results.csv").open("w", newline="") as f:

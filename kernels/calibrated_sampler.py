@@ -5,13 +5,16 @@ gets R draws from N(μ_s, Σ_s) with
     μ_s = (1−α) z̃_s + α Σ_m w_sm ĉ_{k_sm}
     Σ_s = (1−α)² Σ_{o_s} + α² Σ_m w_sm Σ_{k_sm} + β I,   Σ_k = (Z_k − ĉ_k)ᵀ(Z_k − ĉ_k) / (N_k − 1)
 (eqs. 9–10; the weights are used as given: pass softmax weights, or softmax/M for the paper's literal
-form). A class with N_k = 1 has Σ_k = 0. The fast path (``torch.ops.ltdist.calibrated_sample``, C++
-with OpenMP, CUDA when built with it) samples through the factors A_k = (Z_k − ĉ_k)ᵀ/√(N_k−1): memory is
-the bank itself, no d×d matrix. :func:`calibrated_sample_dense` builds Σ and uses Cholesky (the
-reference, small d only).
+form). A class with N_k = 1 has Σ_k = 0. The fast path (``torch.ops.ltdist.calibrated_sample``, C++ on
+ATen: CPU and CUDA when built with it) samples through the factors A_k = (Z_k − ĉ_k)ᵀ/√(N_k−1): memory is
+the bank itself, no d×d matrix, and all draws of a call that use class k are one GEMM with Z_k (MKL on
+CPU, cuBLAS on CUDA). :func:`calibrated_sample_dense` builds Σ and uses Cholesky (the reference, small d
+only).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from ltdist.kernels._dispatch import check_same_device
@@ -19,10 +22,17 @@ from ltdist.kernels._dispatch import check_same_device
 from ltdist.extension import group_by_class, load_extension
 
 
-def group_bank(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def group_bank(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+               in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature bank grouped by class: (bank [N,d] float32, offsets [C+1] int64) from features [N,d] and
-    labels [N]; class c owns rows offsets[c]:offsets[c+1], in input order."""
+    labels [N]; class c owns rows offsets[c]:offsets[c+1], in input order.
+
+    ``in_place``: a contiguous float32 CPU ``features`` is reordered in place and returned as the bank
+    (no second copy: the set-up peak is one bank); other inputs are copied as without it."""
     order, offsets = group_by_class(labels.cpu(), num_classes)
+    if in_place and features.is_cpu and features.dtype == torch.float32 and features.is_contiguous():
+        torch.ops.ltdist.permute_rows_(features, order)
+        return features, offsets
     return features[order.to(features.device)].float().contiguous(), offsets.to(features.device)
 
 
@@ -67,9 +77,20 @@ def diagnose_non_finite(bank: torch.Tensor, offsets: torch.Tensor, centres: torc
     return ValueError("calibrated_sample: samples are not finite (overflow: are the features huge?)")
 
 
+PRECISIONS = ("fp32", "tf32", "bf16")  # GEMM input precision; accumulation is fp32 in all three
+
+
+def default_precision(device: torch.device) -> str:
+    """The fastest precision whose moments pass the eq. 10 test: tf32 on CUDA, fp32 on CPU (bf16 passes too,
+    but without AVX-512 BF16 it is slower than fp32 on a CPU)."""
+    return "tf32" if device.type == "cuda" else "fp32"
+
+
 def calibrated_sample(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.Tensor, source: torch.Tensor,
                       source_class: torch.Tensor, neighbours: torch.Tensor, weights: torch.Tensor,
-                      alpha: float, beta: float, samples_per_source: int, seed: int) -> torch.Tensor:
+                      alpha: float, beta: float, samples_per_source: int, seed: int,
+                      streams: torch.Tensor | None = None, beta_shared: float = 0.0,
+                      precision: str = "fp32") -> torch.Tensor:
     """Draw ``samples_per_source`` calibrated features per request (factor path, exact distribution).
 
     Args:
@@ -80,8 +101,12 @@ def calibrated_sample(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.
         source_class: [S] int64 class of each source feature (its own covariance).
         neighbours: [S, M] int64 neighbour classes; weights: [S, M] float32 their weights w_sm.
         alpha, beta: calibration strength α ∈ [0,1] and isotropic variance β ≥ 0.
-        samples_per_source: R; seed: the draws are a pure function of (seed, s, r): the same for any
-            thread count, and the C++ and CUDA paths use the same random stream.
+        samples_per_source: R; seed: draw r of request s is a pure function of (seed, streams[s], r) (up to
+            the GEMM's rounding): the same for any thread count, any grouping of requests into calls, and
+            on CPU and CUDA, which use the same counter-based stream.
+        streams: [S] int64 stream ids of the requests (default: their positions 0..S−1).
+        beta_shared: β_s ≥ 0: one shared normal per draw times √β_s added to every coordinate (β_s·11ᵀ).
+        precision: GEMM inputs in ``fp32``, ``tf32`` (CUDA only) or ``bf16``, accumulated in fp32.
     Returns:
         [S, R, d] float32 on the device of ``bank``.
     Raises:
@@ -92,12 +117,32 @@ def calibrated_sample(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.
     check_same_device("calibrated_sample", bank=bank, offsets=offsets, centres=centres, source=source,
                       source_class=source_class, neighbours=neighbours, weights=weights)
     check_sampler_inputs(bank, offsets, source_class, neighbours, weights, alpha, beta)
+    if precision not in PRECISIONS or (precision == "tf32" and bank.device.type != "cuda"):
+        raise ValueError(f"calibrated_sample: precision must be one of {PRECISIONS} (tf32 on CUDA only), got "
+                         f"{precision!r} for a bank on {bank.device}")
+    if beta_shared < 0:
+        raise ValueError(f"calibrated_sample: beta_shared must be >= 0, got {beta_shared}")
     load_extension()
-    out = torch.ops.ltdist.calibrated_sample(bank, offsets, centres, source, source_class, neighbours, weights,
-                                             float(alpha), float(beta), int(samples_per_source), int(seed))
+    tf32 = contextlib.nullcontext()
+    if bank.device.type == "cuda":  # cuBLAS takes TF32 from torch's global flag: set it for this call only
+        tf32 = _allow_tf32(precision == "tf32")
+    with tf32:
+        out = torch.ops.ltdist.calibrated_sample(bank, offsets, centres, source, source_class, neighbours, weights,
+                                                 float(alpha), float(beta), int(samples_per_source), int(seed),
+                                                 streams, float(beta_shared), precision)
     if not bool(torch.isfinite(out).all()):  # O(output): NaN features that matter always reach the samples
         raise diagnose_non_finite(bank, offsets, centres, source, source_class, neighbours)
     return out
+
+
+@contextlib.contextmanager
+def _allow_tf32(enabled: bool):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def calibrated_moments(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.Tensor, source: torch.Tensor,

@@ -17,12 +17,11 @@ from ltdist.methods.mpfa import (
     plan_augmentation,
 )
 from ltdist.methods.mpfa_retrain import (
-    BLOCK,
     RetrainSettings,
-    block_features,
     epoch_order,
+    item_features,
     mix_seed,
-    rank_blocks,
+    window_shares,
 )
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="ltdist._C is not built")
@@ -143,47 +142,50 @@ def test_plan_maps_every_generated_feature_to_its_source():
     assert torch.bincount(sources, minlength=plan.num_real).tolist() == plan.per_source.tolist()
 
 
-def test_epoch_order_covers_every_item_once_and_keeps_groups_adjacent():
+def test_epoch_order_is_a_seeded_permutation_of_real_and_generated_items():
     feats, labels = long_tail([40, 9, 3, 1], 4)
     bank, offsets = build_bank(feats, labels, 4, 1.0)
     plan = plan_augmentation(bank, offsets, empirical_centres(bank, offsets), num_neighbours=2,
                              literal_inv_m=False, count="balanced")
-    single = epoch_order(plan, 5, 2)
-    assert torch.equal(single, torch.randperm(plan.size, generator=torch.Generator().manual_seed(mix_seed(5, 2, 1))))
-    grouped = epoch_order(plan, 5, 2, group=4)
-    assert torch.equal(grouped.sort().values, torch.arange(plan.size))
-    assert not torch.equal(grouped, epoch_order(plan, 5, 3, group=4))
-    # the 39 features of class 3's single row: 10 runs of consecutive ids (9 of 4, one of 3)
-    position = torch.empty_like(grouped)
-    position[grouped] = torch.arange(plan.size)
-    ids = torch.arange(plan.num_real + plan.generated - 39, plan.size)
-    steps = position[ids[1:]] - position[ids[:-1]]
-    assert int((steps == 1).sum()) == 39 - 10
+    order = epoch_order(plan, 5, 2)
+    assert torch.equal(order, torch.randperm(plan.size, generator=torch.Generator().manual_seed(mix_seed(5, 2, 1))))
+    assert torch.equal(order.sort().values, torch.arange(plan.size))
+    assert not torch.equal(order, epoch_order(plan, 5, 3))
 
 
-def test_the_same_features_on_one_and_two_ranks():
+def test_the_same_features_on_one_and_two_ranks_and_any_window():
     feats, labels = long_tail([60, 20, 5, 2], 8)
     bank, offsets = build_bank(feats, labels, 4, 0.5)
     plan = plan_augmentation(bank, offsets, empirical_centres(bank, offsets), num_neighbours=2,
                              literal_inv_m=False, count="balanced")
-    items = torch.randperm(plan.size, generator=torch.Generator().manual_seed(0))[:200]  # 4 blocks
-    s = settings()
+    s = settings(batch_size=100)
+    order = epoch_order(plan, s.seed, 0)
+    batches = range(0, 3)  # 240 items: batches of 100, 100 and 40 items (2, 2 and 1 blocks)
+    assert plan.size == 240
 
-    def share(rank: int, world: int) -> dict[int, torch.Tensor]:
-        return {lo: block_features(plan, items[lo:hi], s, mix_seed(s.seed, 0, 0, lo // BLOCK))[0]
-                for lo, hi in rank_blocks(items.numel(), rank, world)}
+    def window(rank: int, world: int, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        shares = window_shares(batches, s.batch_size, plan.size, rank, world)
+        positions = torch.cat(shares)
+        return positions, item_features(plan, order[positions], s, epoch)[0]
 
-    one = share(0, 1)
-    two = {**share(0, 2), **share(1, 2)}
-    assert set(share(0, 2)).isdisjoint(share(1, 2)) and sorted(two) == sorted(one) == [0, 64, 128, 192]
-    for lo in one:
-        assert torch.equal(one[lo], two[lo])
+    pos_one, one = window(0, 1)
+    assert torch.equal(pos_one, torch.arange(240))
+    (pos_a, a), (pos_b, b) = window(0, 2), window(1, 2)
+    assert set(pos_a.tolist()).isdisjoint(pos_b.tolist()) and sorted([*pos_a.tolist(), *pos_b.tolist()]) == \
+        list(range(240))
+    two = torch.empty_like(one)
+    two[pos_a], two[pos_b] = a, b
+    # each rank's call holds other draws, so a class's GEMM has other rows: equal up to the GEMM's rounding
+    torch.testing.assert_close(two, one, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(window(0, 1)[1], one, atol=0, rtol=0)  # a rerun: identical
+    single = torch.cat([item_features(plan, order[b * 100:(b + 1) * 100], s, 0)[0] for b in batches])
+    torch.testing.assert_close(single, one, atol=1e-6, rtol=1e-5)  # one call per batch instead of one per window
+    items = order
     generated = items >= plan.num_real
     assert bool(generated.any()) and bool((~generated).any())
-    full = torch.cat([one[lo] for lo in sorted(one)])
-    torch.testing.assert_close(full[~generated], plan.bank[items[~generated]])
-    other = block_features(plan, items[:64], s, mix_seed(s.seed, 1, 0, 0))[0]  # another epoch: new draws
-    assert not torch.equal(other[generated[:64]], one[0][generated[:64]])
+    torch.testing.assert_close(one[~generated], plan.bank[items[~generated]])
+    other = window(0, 1, epoch=1)[1]  # another epoch: new draws
+    assert not torch.allclose(other[generated], one[generated])
 
 
 def test_tiny_classes_negative_features_and_bad_meta_prototypes():

@@ -164,7 +164,7 @@ def _rank(rank: int, world_size: int, init_file: str, run_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
-    base = stage_context(Path(run_dir), "stages=[mpfa]", *FAST, "method.mpfa.group_draws=4")
+    base = stage_context(Path(run_dir), "stages=[mpfa]", *FAST, "method.mpfa.draw_window=1024")
     env = DistEnv(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size, node_rank=0,
                   master_addr="127.0.0.1", master_port=0, backend="gloo", device=torch.device("cpu"),
                   hostname="localhost")
@@ -174,7 +174,7 @@ def _rank(rank: int, world_size: int, init_file: str, run_dir: str) -> None:
 
 def test_two_ranks_train_the_same_classifier_as_one(tmp_path):
     one = make_run_dir(tmp_path / "one")
-    mpfa_stage.run(stage_context(one, "stages=[mpfa]", *FAST, "method.mpfa.group_draws=4"))
+    mpfa_stage.run(stage_context(one, "stages=[mpfa]", *FAST, "method.mpfa.draw_window=1024"))
     two = make_run_dir(tmp_path / "two")
     torch.multiprocessing.spawn(_rank, args=(2, str(tmp_path / "pg"), str(two)), nprocs=2)
     # same features, same global batches; only the summation order of the gradients differs
@@ -207,7 +207,8 @@ def test_one_and_two_sample_classes_an_empty_class_and_a_nan_feature(tmp_path):
 
 def test_config_rejects_bad_mpfa_values():
     bad = {"alpha": "often", "centres": "mean", "beta_form": "diagonal", "count": "more", "classifier": "mlp",
-           "scale": "0", "batch_size": "0", "group_draws": "0", "lr": "0", "momentum": "1.0", "weight_decay": "-1"}
+           "scale": "0", "batch_size": "0", "draw_window": "0", "precision": "fp16",
+           "lr": "0", "momentum": "1.0", "weight_decay": "-1"}
     with pytest.raises(ConfigError) as info:
         validate_config(load_config(overrides=[f"method.mpfa.{k}={v}" for k, v in bad.items()]))
     for key in bad:

@@ -37,27 +37,83 @@ def request(bank, offsets, centres, own: int, nbrs: list[int], weights: list[flo
 
 
 def test_seeded_determinism_and_thread_independence():
-    args = request(*make_problem([5, 30, 40, 1], d=16), own=0, nbrs=[1, 2, 3], weights=[0.5, 0.3, 0.2], copies=6)
-    a = calibrated_sample(*args, ALPHA, BETA, samples_per_source=7, seed=123)
+    # d = 600: the CPU GEMMs span three column blocks, so two threads really split them
+    args = request(*make_problem([5, 30, 40, 1], d=600), own=0, nbrs=[1, 2, 3], weights=[0.5, 0.3, 0.2], copies=6)
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)
+        a = calibrated_sample(*args, ALPHA, BETA, samples_per_source=7, seed=123)
         torch.set_num_threads(1)
         b = calibrated_sample(*args, ALPHA, BETA, samples_per_source=7, seed=123)
     finally:
         torch.set_num_threads(threads)
     c = calibrated_sample(*args, ALPHA, BETA, samples_per_source=7, seed=124)
-    assert a.shape == (6, 7, 16)
+    assert a.shape == (6, 7, 600)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     assert not torch.allclose(a[0, 0], a[0, 1])  # draws differ from each other
 
 
-def test_mean_and_covariance_match_at_d32_with_200k_draws():
+def mixed_requests(d: int = 24):
+    """Sources of several classes with overlapping neighbours: the classes' GEMMs take rows of many sources."""
+    bank, offsets, centres = make_problem([5, 30, 40, 1, 12, 2], d=d, seed=4)
+    own = torch.tensor([0, 4, 0, 5, 3, 4, 0, 5])
+    nbrs = torch.tensor([[1, 2, 4], [1, 2, 3], [2, 1, 3], [2, 1, 4], [1, 4, 2], [2, 2, 1], [1, 1, 2], [4, 3, 1]])
+    weights = torch.softmax(torch.randn(8, 3, generator=torch.Generator().manual_seed(1)), dim=1)
+    weights[6, 2] = 0.0  # an unused slot
+    return bank, offsets, centres, bank[offsets[own] + 0], own, nbrs, weights
+
+
+def test_one_call_for_all_draws_matches_one_draw_at_a_time():
+    args = mixed_requests()
+    streams = torch.tensor([11, 3, 40, 7, 0, 5, 9, 2])
+    batched = calibrated_sample(*args, ALPHA, BETA, samples_per_source=1, seed=9, streams=streams,
+                                beta_shared=0.01)[:, 0]
+    for s in range(8):  # the reference: one call, one source, one draw
+        one = calibrated_sample(*(t[s:s + 1] if i >= 3 else t for i, t in enumerate(args)), ALPHA, BETA,
+                                samples_per_source=1, seed=9, streams=streams[s:s + 1], beta_shared=0.01)[0, 0]
+        # the same normals; only the GEMM's rounding may differ with the number of rows it multiplies
+        torch.testing.assert_close(batched[s], one, atol=1e-6, rtol=1e-5)
+    # draw r of a request is stream (seed, stream, r): the first of 6 draws is the single draw above
+    six = calibrated_sample(*args, ALPHA, BETA, samples_per_source=6, seed=9, streams=streams, beta_shared=0.01)
+    torch.testing.assert_close(six[:, 0], batched, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(six[:, 1], batched)
+    assert torch.equal(six, calibrated_sample(*args, ALPHA, BETA, samples_per_source=6, seed=9, streams=streams,
+                                              beta_shared=0.01))  # reruns are identical
+
+
+def test_precisions_on_the_cpu():
+    args = mixed_requests()
+    fp32 = calibrated_sample(*args, ALPHA, BETA, samples_per_source=3, seed=0)
+    bf16 = calibrated_sample(*args, ALPHA, BETA, samples_per_source=3, seed=0, precision="bf16")
+    assert not torch.equal(bf16, fp32)  # the GEMM inputs are rounded to bf16 ...
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.02)  # ... and accumulated in fp32
+    with pytest.raises(ValueError, match="tf32"):
+        calibrated_sample(*args, ALPHA, BETA, samples_per_source=3, seed=0, precision="tf32")
+    with pytest.raises(ValueError, match="precision"):
+        calibrated_sample(*args, ALPHA, BETA, samples_per_source=3, seed=0, precision="fp16")
+
+
+def test_group_bank_in_place_reorders_the_features_themselves():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    feats = torch.randn(300, 7, generator=g)
+    copy, offsets = group_bank(feats, labels, 5)
+    same, offsets_in_place = group_bank(feats, labels, 5, in_place=True)
+    assert same.data_ptr() == feats.data_ptr()
+    assert torch.equal(same, copy) and torch.equal(offsets_in_place, offsets)
+    with pytest.raises(RuntimeError, match="not a permutation"):
+        torch.ops.ltdist.permute_rows_(torch.zeros(3, 2), torch.tensor([0, 0, 1]))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_mean_and_covariance_match_at_d32_with_200k_draws(precision):
     d, copies, per = 32, 8, 25_000  # 200 000 draws
     # own class with 5 features; neighbours with 40 and 60 features and one with a single feature
     args = request(*make_problem([5, 40, 60, 1], d=d), own=0, nbrs=[1, 2, 3], weights=[0.5, 0.3, 0.2],
                    copies=copies)
-    x = calibrated_sample(*args, ALPHA, BETA, samples_per_source=per, seed=7).reshape(-1, d).double()
+    x = calibrated_sample(*args, ALPHA, BETA, samples_per_source=per, seed=7,
+                          precision=precision).reshape(-1, d).double()
     bank, offsets, centres, src, _, nbrs, w = args
     mu, cov = calibrated_moments(bank, offsets, centres, src[0], 0, nbrs[0], w[0], ALPHA, BETA)
     mean = x.mean(0)

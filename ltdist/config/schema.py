@@ -149,9 +149,12 @@ class MPFAConfig:
     scale: float = 16.0  # cosine classifier logit scale s (fixed)
     epochs: int = 10  # classifier retrain epochs
     batch_size: int = 512  # global batch of real + generated features (all ranks, one step)
-    # Generated features of one source drawn together (one GEMM per class term instead of a GEMV) and kept
-    # adjacent in the epoch order; 1 = every generated feature shuffled on its own.
-    group_draws: int = 1
+    # Items per draw window: each rank draws the generated features of its share of a window in one sampler
+    # call (one GEMM per class term, the larger the faster); memory per rank ≈ draw_window / ranks × d × 4 B
+    # (+ the GEMM's rows of the largest class). The epoch stays fully shuffled whatever the value.
+    draw_window: int = 65536
+    # sampler GEMMs: fp32 | tf32 (CUDA) | bf16 (fp32 accumulation) | auto: tf32 on CUDA, else fp32
+    precision: str = "auto"
     lr: float = 0.05  # SGD learning rate (cosine decay to 0 over the retrain)
     momentum: float = 0.9
     weight_decay: float = 5e-4

@@ -56,17 +56,19 @@ from ltdist.methods.classifier_set import power_normalise
 CHUNK = 4096  # rows transformed / compared with all centres at once: bounds the [CHUNK, C] similarities
 
 
-def build_bank(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-               tukey: float) -> tuple[torch.Tensor, torch.Tensor]:
+def build_bank(features: torch.Tensor, labels: torch.Tensor, num_classes: int, tukey: float,
+               in_place: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The training features in the MPFA space, grouped by class.
 
     Args:
         features: [N, d] backbone features (any float dtype, un-normalised); labels: [N] int64.
         tukey: the Tukey power λ.
+        in_place: build the bank inside ``features`` when it is contiguous float32 on the CPU (its rows are
+            overwritten; the caller drops it): the set-up then holds one bank, not two.
     Returns:
         bank [N, d] float32 (rows T(f), class c owns rows offsets[c]:offsets[c+1]) and offsets [C+1] int64.
     """
-    bank, offsets = group_bank(features, labels, num_classes)
+    bank, offsets = group_bank(features, labels, num_classes, in_place=in_place)
     for start in range(0, bank.shape[0], CHUNK):  # in place, chunk by chunk: one bank in memory, not two
         rows = bank[start:start + CHUNK]
         rows.copy_(power_normalise(rows, tukey))
@@ -227,23 +229,23 @@ def plan_augmentation(bank: torch.Tensor, offsets: torch.Tensor, centres: torch.
 
 
 def draw_features(plan: AugmentationPlan, sources: torch.Tensor, *, alpha: float, beta: float, beta_form: str,
-                  seed: int, draws: int = 1) -> torch.Tensor:
+                  seed: int, draws: int = 1, streams: torch.Tensor | None = None,
+                  precision: str = "fp32") -> torch.Tensor:
     """``draws`` calibrated features per source row: [S, draws, d] float32 on the bank's device.
 
     Args:
         sources: [S] int64 bank rows (repeats allowed: each row of the request draws independently).
         alpha, beta, beta_form: eq. 10's α, β and the form of "+ β" (``identity`` | ``all_entries``).
-        seed: the draws are a pure function of (seed, position in ``sources``, draw).
-        draws: features per source; the sampler draws them with one GEMM per class term.
+        seed, streams: draw r of request s is a pure function of (seed, streams[s], r); streams [S] int64
+            defaults to the positions in ``sources``.
+        draws: features per source. All draws of a call that use one class are one GEMM.
+        precision: the sampler's GEMM precision (fp32 | tf32 on CUDA | bf16).
     """
     if beta_form not in ("identity", "all_entries"):
         raise ValueError(f"mpfa: beta_form must be 'identity' or 'all_entries', got {beta_form!r}")
-    isotropic = beta if beta_form == "identity" else 0.0
-    out = calibrated_sample(plan.bank, plan.offsets, plan.centres, plan.bank[sources], plan.labels[sources],
-                            plan.neighbours[sources], plan.weights[sources], alpha, isotropic, draws, seed)
-    if beta_form == "all_entries" and beta > 0:
-        # β·11ᵀ = (√β·1)(√β·1)ᵀ: one shared standard normal per draw, added to every coordinate
-        gen = torch.Generator().manual_seed(seed ^ 0x5EED_BE7A)
-        shared = torch.randn(sources.numel(), draws, 1, generator=gen).to(out.device)
-        out += beta**0.5 * shared
-    return out
+    # β·11ᵀ = (√β·1)(√β·1)ᵀ: one shared standard normal per draw, added to every coordinate
+    isotropic, shared = (beta, 0.0) if beta_form == "identity" else (0.0, beta)
+    return calibrated_sample(plan.bank, plan.offsets, plan.centres, plan.bank[sources], plan.labels[sources],
+                             plan.neighbours[sources], plan.weights[sources], alpha, isotropic, draws, seed,
+                             streams=None if streams is None else streams.to(plan.bank.device), beta_shared=shared,
+                             precision=precision)

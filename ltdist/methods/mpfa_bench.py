@@ -1,16 +1,18 @@
-"""MPFA at iNaturalist scale: ``python -m ltdist.methods.mpfa_bench --out mpfa_bench.json``.
+"""MPFA at iNaturalist scale: ``python -m ltdist.methods.mpfa_bench --out mpfa_bench.json`` (``ltdist bench mpfa``).
 
 A synthetic bank shaped like iNaturalist-2018 (8142 classes, 437 513 features, counts from 1000 down
 to 2 on a Pareto-like profile, d = 2048, non-negative features) goes through the mpfa stage's own
-functions: the MPFA-space bank (:func:`ltdist.methods.mpfa.build_bank`), empirical centres,
-neighbours, the generation plan, then a fixed number of generation batches and retrain steps.
-Reported (and written as JSON):
+functions: the MPFA-space bank built in place (:func:`ltdist.methods.mpfa.build_bank`), empirical
+centres, neighbours, the generation plan, then one draw window and a few retrain steps. Reported (and
+written as JSON):
 
 - peak and steady resident memory against the bank size (no d×d matrix per class, no generated set);
-- generated features per second, alone and inside retrain steps (generation + forward/backward);
-- the sampler's achieved GFLOP/s (2·d·rows of every class term it runs) as a fraction of
-  ``torch.matmul`` doing the same FLOPs in the same run, both as one large GEMM and in the
-  [1, n] × [n, d] shape the sampler runs per draw;
+- the sampler on one draw window (``--window`` generated features in one call, as the retrain draws
+  them): features/s and GFLOP/s (2·d·rows of every class term), next to ``torch.matmul`` in the same
+  run on the very GEMM shapes the call ran (one [rows_k, N_k] × [N_k, d] product per class) and on
+  one large GEMM of the same FLOPs, with the ratios;
+- the retrain: ``--steps`` classifier steps and the window's sampling and data movement, extrapolated
+  to one epoch (balanced count) with the time split;
 - the neighbour search's time (measured on ``--neighbour-rows`` rows, extrapolated to the bank).
 
 The neighbour search is a [rows, C] × d similarity (≈ 15 TFLOP for the full bank), so by default only
@@ -37,7 +39,13 @@ from ltdist.methods.mpfa import (
     generation_counts,
     select_neighbours,
 )
-from ltdist.methods.mpfa_retrain import RetrainClassifier, RetrainSettings, make_optimizer, train_step
+from ltdist.methods.mpfa_retrain import (
+    RetrainClassifier,
+    RetrainSettings,
+    item_features,
+    make_optimizer,
+    train_step,
+)
 
 GIB = 2**30
 
@@ -63,12 +71,14 @@ def synthetic_features(counts: torch.Tensor, dim: int, seed: int) -> tuple[torch
     return features, labels
 
 
-def sampler_flops(plan: AugmentationPlan, sources: torch.Tensor) -> float:
-    """FLOPs the sampler runs for one draw per source: 2·d·n for every class term with n > 1 rows."""
+def class_terms(plan: AugmentationPlan, sources: torch.Tensor) -> dict[int, int]:
+    """Draws per class term of a one-draw-per-source call: {class: rows of its GEMM} (classes with > 1 row)."""
     counts = plan.offsets[1:] - plan.offsets[:-1]
     terms = torch.cat([plan.labels[sources][:, None], plan.neighbours[sources]], dim=1)
-    rows = counts[terms]
-    return float(2 * plan.bank.shape[1] * (rows * (rows > 1)).sum())
+    coef = torch.cat([torch.ones(sources.numel(), 1), plan.weights[sources]], dim=1)
+    used = terms[(counts[terms] > 1) & (coef > 0)]
+    classes, rows = torch.unique(used, return_counts=True)
+    return dict(zip(classes.tolist(), rows.tolist()))
 
 
 def timed(fn) -> float:
@@ -77,19 +87,20 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def matmul_gflops(flops: float, dim: int, n: int) -> dict[str, float]:
-    """torch.matmul GFLOP/s on ``flops``: as one large GEMM, and as the sampler runs them — per draw a
-    [1, n] × [n, d] product with another class's rows (16 distinct matrices, so each streams from memory)."""
-    b = torch.randn(n, dim)
-    m = max(1, round(flops / (2 * n * dim)))
-    a = torch.randn(m, n)
+def matmul_reference(plan: AugmentationPlan, terms: dict[int, int]) -> dict[str, float]:
+    """torch.matmul GFLOP/s on the sampler's own GEMMs (per class: [rows, N_k] normals × the class's bank
+    rows) and on one large GEMM of the same FLOPs ([m, 1024] × [1024, d])."""
+    bank, offsets = plan.bank, plan.offsets.tolist()
+    normals = {k: torch.randn(r, offsets[k + 1] - offsets[k]) for k, r in terms.items()}
+    flops = sum(2.0 * e.numel() * bank.shape[1] for e in normals.values())
+    same = timed(lambda: [torch.matmul(e, bank[offsets[k]:offsets[k + 1]]) for k, e in normals.items()])
+    normals.clear()  # free the normals before the large GEMM
+    n = 1024
+    b = torch.randn(n, bank.shape[1])
+    a = torch.randn(max(1, round(flops / (2 * n * bank.shape[1]))), n)
     torch.matmul(a[:8], b)  # warm-up
-    gemm = timed(lambda: torch.matmul(a, b))
-    stack, rows = torch.randn(16, n, dim), torch.randn(16, 1, n)
-    reps = max(1, round(flops / (2 * n * dim * 16)))
-    torch.matmul(rows, stack)
-    gemv = timed(lambda: [torch.matmul(rows, stack) for _ in range(reps)])
-    return {"gemm": 2 * m * n * dim / gemm / 1e9, "gemv": 2 * 16 * reps * n * dim / gemv / 1e9}
+    large = timed(lambda: torch.matmul(a, b))
+    return {"same_shapes": flops / same / 1e9, "large_gemm": 2 * a.shape[0] * n * bank.shape[1] / large / 1e9}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--neighbours", type=int, default=3)
     parser.add_argument("--neighbour-rows", type=int, default=8192, help="rows searched (0: all)")
-    parser.add_argument("--batches", type=int, default=3, help="generation batches and retrain steps timed")
+    parser.add_argument("--window", type=int, default=65536,
+                        help="method.mpfa.draw_window: generated features drawn in one sampler call")
+    parser.add_argument("--steps", type=int, default=4, help="retrain classifier steps timed")
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--group", type=int, default=1, help="method.mpfa.group_draws: draws per source and call")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="method.mpfa.precision")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -116,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     result["bank_gib"] = raw.numel() * 4 / GIB
     result["rss_after_features_gib"] = rss_gib()[0]
     start = time.perf_counter()
-    bank, offsets = build_bank(raw, labels, args.classes, 0.5)
-    del raw  # the stage releases the raw features the same way
+    bank, offsets = build_bank(raw, labels, args.classes, 0.5, in_place=True)  # the stage builds it in place too
+    del raw
     centres = empirical_centres(bank, offsets)
     result["bank_and_centres_s"] = time.perf_counter() - start
     per_source = generation_counts(counts, "balanced")
@@ -139,47 +152,53 @@ def main(argv: list[str] | None = None) -> int:
     result["generated_per_epoch"] = plan.generated
     result["items_per_epoch"] = plan.size
     result["rss_after_plan_gib"], result["peak_rss_after_plan_gib"] = rss_gib()
+    result["setup_peak_over_bank"] = result["peak_rss_after_plan_gib"] / result["bank_gib"]
 
-    # sources of generated features among the searched rows, in proportion to what they generate;
-    # each makes ``--group`` features per sampler call
-    weight = (per_source * generating).double()
-    per_batch = max(1, args.batch_size // args.group)
-    draws = [torch.multinomial(weight, per_batch, replacement=True, generator=gen) for _ in range(args.batches)]
-    flops = args.group * sum(sampler_flops(plan, s) for s in draws)
-    draw_features(plan, draws[0][:16], alpha=0.4, beta=0.05, beta_form="identity", seed=0)  # warm-up
-    gen_s = timed(lambda: [draw_features(plan, s, alpha=0.4, beta=0.05, beta_form="identity", seed=i,
-                                         draws=args.group) for i, s in enumerate(draws)])
+    # one draw window: generated features of the searched rows, in proportion to what they generate, one
+    # sampler call (the call groups them by class); a warm-up call first
+    sources = torch.multinomial((per_source * generating).double(), args.window, replacement=True, generator=gen)
+    draw = lambda s: draw_features(plan, s, alpha=0.4, beta=0.05, beta_form="identity", seed=1,
+                                   streams=torch.arange(s.numel()), precision=args.precision)
+    draw(sources[:256])
+    gen_s = timed(lambda: draw(sources))
+    terms = class_terms(plan, sources)
+    flops = sum(2.0 * r * int(offsets[k + 1] - offsets[k]) * args.dim for k, r in terms.items())
+    reference = matmul_reference(plan, terms)
     sampler_gflops = flops / gen_s / 1e9
-    typical_rows = int((offsets[1:] - offsets[:-1])[plan.neighbours[draws[0]]].float().mean())
-    reference = matmul_gflops(flops / args.batches, args.dim, typical_rows)
-    drawn = args.batches * per_batch * args.group
-    result["sampler"] = {"draws": drawn, "seconds": gen_s, "features_per_s": drawn / gen_s, "gflop": flops / 1e9,
-                         "gflop_per_s": sampler_gflops, "matmul_gflop_per_s": reference,
-                         "fraction_of_gemm": sampler_gflops / reference["gemm"],
-                         "fraction_of_gemv": sampler_gflops / reference["gemv"],
-                         "mean_neighbour_rows": typical_rows}
+    rows_per_term = sorted(terms.values())
+    result["sampler"] = {"draws": args.window, "seconds": gen_s, "features_per_s": args.window / gen_s,
+                         "gflop": flops / 1e9, "gflop_per_s": sampler_gflops, "precision": args.precision,
+                         "matmul_gflop_per_s": reference,
+                         "fraction_of_matmul_same_shapes": sampler_gflops / reference["same_shapes"],
+                         "fraction_of_large_gemm": sampler_gflops / reference["large_gemm"],
+                         "class_terms": len(terms),
+                         "gemm_rows_median": rows_per_term[len(rows_per_term) // 2]}
 
-    # retrain steps: real rows and runs of generated features of the drawn sources, in the epoch's proportion
+    # retrain steps: a global batch of real rows and generated features of the drawn sources, in the epoch's
+    # proportion; the window's sampling time is the call above, its data movement the bank gathers
     settings = RetrainSettings(classifier="cosine", scale=16.0, epochs=1, batch_size=args.batch_size, lr=0.05,
                                momentum=0.9, weight_decay=5e-4, alpha=0.4, beta=0.05, beta_form="identity",
-                               tukey=0.5, seed=args.seed, group_draws=args.group)
+                               tukey=0.5, seed=args.seed, draw_window=args.window, precision=args.precision)
     model = RetrainClassifier(args.classes, args.dim, settings)
     optimizer = make_optimizer(model, settings)
     real_share = plan.num_real / plan.size
-    batches = []
-    for s in draws:
-        back = torch.arange(args.group)[None, :] % per_source[s][:, None]  # a run of the source's last ids
-        generated = (plan.num_real + plan.cumulative[s][:, None] - 1 - back).flatten()
-        num_real = round(generated.numel() * real_share)
-        real_rows = torch.randint(plan.num_real, (num_real,), generator=gen)
-        batches.append(torch.cat([generated[:generated.numel() - num_real], real_rows]))
-    train_step(model, optimizer, plan, settings, batches[0][:64], 0, -1, 0, 1)  # warm-up (lazy imports)
-    step_s = timed(lambda: [train_step(model, optimizer, plan, settings, items, 0, b, 0, 1)
-                            for b, items in enumerate(batches)])
-    items_per_s = args.batches * args.batch_size / step_s
-    result["retrain"] = {"steps": args.batches, "seconds": step_s, "items_per_s": items_per_s,
-                         "generated_per_s": items_per_s * (1 - real_share),
-                         "epoch_hours_estimate": plan.size / items_per_s / 3600}
+    num_real = round(args.batch_size * real_share)
+    generated = plan.num_real + plan.cumulative[sources[:args.batch_size - num_real]] - 1
+    items = torch.cat([generated, torch.randint(plan.num_real, (num_real,), generator=gen)])
+    features, labels_b = item_features(plan, items, settings, 0)
+    train_step(model, optimizer, features[:64], labels_b[:64], 64, 1)  # warm-up (lazy imports)
+    step_s = timed(lambda: [train_step(model, optimizer, features, labels_b, args.batch_size, 1)
+                            for _ in range(args.steps)]) / args.steps
+    window_rows = torch.randint(plan.num_real, (args.window,), generator=gen)
+    move_s = timed(lambda: (plan.bank[window_rows], plan.source_of(torch.randint(plan.generated, (args.window,)))))
+    steps = plan.size / args.batch_size
+    split = {"sampling_s": plan.generated / args.window * gen_s, "classifier_s": steps * step_s,
+             "data_movement_s": plan.size / args.window * move_s}
+    epoch_s = sum(split.values())
+    result["retrain"] = {"steps_timed": args.steps, "step_s": step_s, "window_sampling_s": gen_s,
+                         "window_data_movement_s": move_s, "epoch_split_s": split,
+                         "epoch_hours_estimate": epoch_s / 3600, "items_per_s": plan.size / epoch_s,
+                         "share": {k: v / epoch_s for k, v in split.items()}}
     result["rss_end_gib"], result["peak_rss_gib"] = rss_gib()
     result["peak_over_bank"] = result["peak_rss_gib"] / result["bank_gib"]
     result["avoided"] = {"dense_class_covariances_gib": args.classes * args.dim**2 * 4 / GIB,

@@ -2,18 +2,18 @@
 
 An epoch is a seeded permutation of the augmented set — the N real bank rows and the G generated
 features of the :class:`ltdist.methods.mpfa.AugmentationPlan` (item t < N is real row t, item
-N + g is generated feature g) — cut into global batches of ``batch_size`` items. With the balanced
-count every class holds N_1 items, so a uniform shuffle gives class-balanced batches. With
-``group_draws`` = R > 1 the shuffled units are the real rows and runs of up to R generated features of
-one source, which stay adjacent: a run in a block is drawn as R samples of one request (a GEMM with R
-rows per class term instead of a GEMV per feature), at the price of R correlated-source items per batch.
+N + g is generated feature g) — cut into global batches of ``batch_size`` items, each batch into blocks
+of :data:`BLOCK` positions. Rank r trains on the blocks j ≡ r (mod world size), a disjoint share.
 
-Generated features are never stored: a global batch is split into blocks of :data:`BLOCK` positions
-and each block is drawn by one sampler call seeded from (seed, epoch, batch, block). Rank r takes the
-blocks j ≡ r (mod world size), a disjoint share. The draws depend on the seed and the position only,
-not on the number of ranks, so 1 and 2 ranks see the same features, and a restart redraws them.
-Each rank sums its share's cross-entropy divided by the global batch size; the gradients are summed
-across ranks (one all-reduce per step), which gives the mean over the global batch on every rank.
+Generated features are never stored beyond a window: the epoch is processed in windows of
+``draw_window // batch_size`` batches, and a rank draws the generated items of its share of a window in
+one sampler call. The sampler groups the call's draws by class (one GEMM per class term) and writes each
+back to its item's position, so the shuffle is kept while the draws run in class order. Generated
+feature g of epoch e is stream g of the seed (seed, e): it does not depend on the window, the number
+of ranks or the thread count (up to the GEMM's rounding), so 1 and 2 ranks see the same features, and a
+restart redraws them. Each rank sums its share's cross-entropy divided by the global batch size; the
+gradients are summed across ranks (one all-reduce per step), which gives the mean over the global batch
+on every rank.
 
 The classifier — cosine: s · normalise(x) · normalise(W)ᵀ with a fixed scale s, or linear: x Wᵀ + b,
 for x a real feature T(f) or a generated one — is re-initialised from the seed and trained by SGD
@@ -37,12 +37,13 @@ import torch.nn.functional as F
 
 from ltdist.distributed import barrier
 from ltdist.fileio import torch_save_atomic
+from ltdist.kernels.calibrated_sampler import default_precision
 from ltdist.methods.classifier_set import LinearScorer, balanced_accuracy, power_normalise
 from ltdist.methods.mpfa import AugmentationPlan, draw_features
 
 log = logging.getLogger(__name__)
 
-BLOCK = 64  # positions of a global batch drawn by one sampler call (the unit of work shared out to ranks)
+BLOCK = 64  # positions of a global batch given to one rank (the unit of work shared out to ranks)
 PROGRESS_S = 60.0  # seconds between progress lines within an epoch
 _MASK64 = (1 << 64) - 1
 
@@ -63,7 +64,8 @@ class RetrainSettings:
     beta_form: str
     tukey: float
     seed: int
-    group_draws: int = 1
+    draw_window: int = 65536  # items per window: a rank draws its share of them in one sampler call
+    precision: str = "auto"  # sampler GEMM precision: fp32 | tf32 | bf16 | auto (kernels.calibrated_sampler)
 
 
 def mix_seed(*parts: int) -> int:
@@ -78,23 +80,9 @@ def mix_seed(*parts: int) -> int:
     return x >> 1
 
 
-def epoch_order(plan: AugmentationPlan, seed: int, epoch: int, group: int = 1) -> torch.Tensor:
-    """The epoch's item order: a permutation [plan.size] int64 of real (< N) and generated (≥ N) items.
-
-    The shuffled units are the real rows and groups of up to ``group`` consecutive generated features
-    of one source, which stay adjacent (``group = 1``: every item is placed independently)."""
-    per_source = plan.per_source.cpu()
-    groups = (per_source + group - 1) // group  # per source
-    source = torch.repeat_interleave(torch.arange(plan.num_real), groups)
-    k = torch.arange(source.numel()) - torch.repeat_interleave(torch.cumsum(groups, 0) - groups, groups)
-    first = plan.cumulative.cpu() - per_source  # first generated id of each source
-    starts = torch.cat([torch.arange(plan.num_real), plan.num_real + first[source] + k * group])
-    lengths = torch.cat([torch.ones(plan.num_real, dtype=torch.long),
-                         torch.clamp(per_source[source] - k * group, max=group)])
-    perm = torch.randperm(starts.numel(), generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 1)))
-    starts, lengths = starts[perm], lengths[perm]
-    within = torch.arange(plan.size) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-    return torch.repeat_interleave(starts, lengths) + within
+def epoch_order(plan: AugmentationPlan, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's item order: a permutation [plan.size] int64 of real (< N) and generated (≥ N) items."""
+    return torch.randperm(plan.size, generator=torch.Generator().manual_seed(mix_seed(seed, epoch, 1)))
 
 
 def rank_blocks(batch_len: int, rank: int, world_size: int) -> list[tuple[int, int]]:
@@ -103,33 +91,36 @@ def rank_blocks(batch_len: int, rank: int, world_size: int) -> list[tuple[int, i
             for j in range(rank, math.ceil(batch_len / BLOCK), world_size)]
 
 
-def block_features(plan: AugmentationPlan, items: torch.Tensor, settings: RetrainSettings,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [n, d] (MPFA space) and labels [n] of the items [n] of one block, drawn with ``seed``."""
+def sampler_precision(settings: RetrainSettings, device: torch.device) -> str:
+    return default_precision(device) if settings.precision == "auto" else settings.precision
+
+
+def item_features(plan: AugmentationPlan, items: torch.Tensor, settings: RetrainSettings,
+                  epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [n, d] (MPFA space) and labels [n] of epoch items [n]; the generated ones in one sampler call
+    (generated feature g is stream g of the seed (settings.seed, epoch), whatever call it is drawn in)."""
     items = items.to(plan.bank.device)
     real = items < plan.num_real
-    rows = torch.where(real, items, plan.source_of((items - plan.num_real).clamp(min=0)))
+    generated = (items - plan.num_real).clamp(min=0)
+    rows = torch.where(real, items, plan.source_of(generated))
     features = plan.bank[rows]
     if not bool(real.all()):
-        features[~real] = _draw_runs(plan, rows[~real], settings, seed)
+        features[~real] = draw_features(plan, rows[~real], alpha=settings.alpha, beta=settings.beta,
+                                        beta_form=settings.beta_form, seed=mix_seed(settings.seed, epoch),
+                                        streams=generated[~real],
+                                        precision=sampler_precision(settings, plan.bank.device))[:, 0]
     return features, plan.labels[rows]
 
 
-def _draw_runs(plan: AugmentationPlan, sources: torch.Tensor, settings: RetrainSettings,
-               seed: int) -> torch.Tensor:
-    """One feature per entry of ``sources`` [S]: adjacent equal sources (a run) are drawn together,
-    one sampler call per run length (seeded from ``seed`` and the length) → [S, d]."""
-    new_run = torch.ones_like(sources, dtype=torch.bool)
-    new_run[1:] = sources[1:] != sources[:-1]
-    run_start = new_run.nonzero().flatten()
-    run_length = torch.diff(run_start, append=torch.tensor([sources.numel()], device=sources.device))
-    out = torch.empty(sources.numel(), plan.bank.shape[1], device=plan.bank.device)
-    for length in torch.unique(run_length).tolist():
-        runs = run_start[run_length == length]
-        drawn = draw_features(plan, sources[runs], alpha=settings.alpha, beta=settings.beta,
-                              beta_form=settings.beta_form, seed=mix_seed(seed, length), draws=length)
-        out[(runs[:, None] + torch.arange(length, device=runs.device)).flatten()] = drawn.flatten(0, 1)
-    return out
+def window_shares(batches: range, batch_size: int, size: int, rank: int, world_size: int) -> list[torch.Tensor]:
+    """For each batch of the window: the epoch positions [n_b] of this rank's blocks."""
+    shares = []
+    for b in batches:
+        start = b * batch_size
+        blocks = rank_blocks(min(batch_size, size - start), rank, world_size)
+        shares.append(torch.cat([torch.arange(start + lo, start + hi) for lo, hi in blocks]) if blocks
+                      else torch.zeros(0, dtype=torch.long))
+    return shares
 
 
 def fingerprint(plan: AugmentationPlan, settings: RetrainSettings) -> dict:
@@ -176,19 +167,15 @@ def make_optimizer(model: RetrainClassifier, settings: RetrainSettings) -> torch
                            weight_decay=settings.weight_decay)
 
 
-def train_step(model: RetrainClassifier, optimizer: torch.optim.Optimizer, plan: AugmentationPlan,
-               settings: RetrainSettings, items: torch.Tensor, epoch: int, batch: int, rank: int,
-               world_size: int) -> float:
-    """One optimizer step on the global batch ``items`` [B] (this rank draws and trains its blocks);
-    returns the batch's mean loss (all ranks)."""
+def train_step(model: RetrainClassifier, optimizer: torch.optim.Optimizer, features: torch.Tensor,
+               labels: torch.Tensor, batch_len: int, world_size: int) -> float:
+    """One optimizer step on a global batch of ``batch_len`` items of which this rank holds ``features``
+    [n, d] and ``labels`` [n] (n may be 0); returns the batch's mean loss (all ranks)."""
     params = list(model.parameters())
     optimizer.zero_grad(set_to_none=False)  # ranks without a block still add zeros to the all-reduce
-    local_loss = torch.zeros((), device=plan.bank.device)
-    blocks = [block_features(plan, items[lo:hi], settings, mix_seed(settings.seed, epoch, batch, lo // BLOCK))
-              for lo, hi in rank_blocks(items.numel(), rank, world_size)]
-    if blocks:  # one forward/backward over the rank's share
-        features, labels = (torch.cat(parts) for parts in zip(*blocks))
-        loss = F.cross_entropy(model(features), labels, reduction="sum") / items.numel()
+    local_loss = torch.zeros((), device=features.device)
+    if labels.numel():  # one forward/backward over the rank's share
+        loss = F.cross_entropy(model(features), labels, reduction="sum") / batch_len
         loss.backward()
         local_loss += loss.detach()
     flat = torch.cat([*(p.grad.flatten() for p in params), local_loss[None]])
@@ -224,6 +211,7 @@ def retrain(plan: AugmentationPlan, settings: RetrainSettings, *, rank: int = 0,
                     "method.mpfa.batch_size)", name, settings.batch_size, math.ceil(settings.batch_size / BLOCK),
                     BLOCK, world_size)
     total_steps = settings.epochs * steps_per_epoch
+    per_window = max(1, settings.draw_window // settings.batch_size)  # batches drawn together
     expected = fingerprint(plan, settings)
     start_epoch = 0
     if checkpoint is not None and checkpoint.is_file():
@@ -237,17 +225,23 @@ def retrain(plan: AugmentationPlan, settings: RetrainSettings, *, rank: int = 0,
             log.warning("mpfa %s: ignoring %s (written with other settings or inputs)", name, checkpoint)
     val_features = None if val is None else power_normalise(val["features"].to(device), settings.tukey)
     for epoch in range(start_epoch, settings.epochs):
-        order = epoch_order(plan, settings.seed, epoch, settings.group_draws)
+        order = epoch_order(plan, settings.seed, epoch)
         start, loss_total = time.perf_counter(), 0.0
         last_log = start
-        for b in range(steps_per_epoch):
-            items = order[b * settings.batch_size:(b + 1) * settings.batch_size]
-            _set_lr(optimizer, settings, epoch * steps_per_epoch + b, total_steps)
-            loss_total += train_step(model, optimizer, plan, settings, items, epoch, b, rank, world_size)
+        for w0 in range(0, steps_per_epoch, per_window):
+            batches = range(w0, min(w0 + per_window, steps_per_epoch))
+            shares = window_shares(batches, settings.batch_size, plan.size, rank, world_size)
+            features, labels = item_features(plan, order[torch.cat(shares)], settings, epoch)
+            lengths = [share.numel() for share in shares]
+            for b, f, y in zip(batches, features.split(lengths), labels.split(lengths)):
+                _set_lr(optimizer, settings, epoch * steps_per_epoch + b, total_steps)
+                batch_len = min(settings.batch_size, plan.size - b * settings.batch_size)
+                loss_total += train_step(model, optimizer, f, y, batch_len, world_size)
             if time.perf_counter() - last_log > PROGRESS_S:  # an iNaturalist-sized epoch takes hours on a CPU
                 last_log = time.perf_counter()
-                log.info("mpfa %s: epoch %d step %d/%d loss %.4f, %.0f features/s", name, epoch + 1, b + 1,
-                         steps_per_epoch, loss_total / (b + 1), (b + 1) * settings.batch_size / (last_log - start))
+                done = batches[-1] + 1
+                log.info("mpfa %s: epoch %d step %d/%d loss %.4f, %.0f features/s", name, epoch + 1, done,
+                         steps_per_epoch, loss_total / done, done * settings.batch_size / (last_log - start))
         elapsed = time.perf_counter() - start
         accuracy = ""
         if val_features is not None:

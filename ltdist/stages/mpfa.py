@@ -88,7 +88,7 @@ def settings_from(cfg) -> RetrainSettings:
                            weight_decay=float(m.weight_decay), alpha=alpha_candidates(m.alpha)[0],
                            beta=float(m.beta),
                            beta_form=m.beta_form, tukey=float(m.tukey), seed=int(cfg.trainer.seed),
-                           group_draws=int(m.group_draws))
+                           draw_window=int(m.draw_window), precision=m.precision)
 
 
 def apply_empty_class_fallback(scorer: LinearScorer, empty: torch.Tensor, centres: torch.Tensor | None) -> None:
@@ -141,7 +141,8 @@ def build(ctx: StageContext, inputs: FrozenInputs) -> ClassifierSet:
     raw = inputs.train.pop("features")  # released after the bank is built: one bank in memory, not two
     negative = raw.numel() > 0 and float(raw.min()) < 0
     notes = [centre_note, *input_notes(counts, negative, settings, raw.shape[1])]
-    bank, offsets = build_bank(raw.to(ctx.dist.device), inputs.train["labels"], inputs.num_classes, settings.tukey)
+    bank, offsets = build_bank(raw.to(ctx.dist.device), inputs.train["labels"], inputs.num_classes, settings.tukey,
+                               in_place=True)
     del raw
     rows: dict[str, LinearScorer] = {}
     chosen: dict = {"centres": sources[0], "rows": {}}
