@@ -1,4 +1,5 @@
-"""Shared fixtures: the local Slurm cluster and a one-rank gloo process group, each set up once per session.
+"""Shared fixtures: the local Slurm cluster and a one-rank gloo process group, each set up once per session;
+a module's ``workdir`` whose ``shards/`` is the session's Fashion-MNIST-LT (built once, not per module).
 
 The process group is session-wide because DeepSpeed caches the world group it first sees: a second
 init after a shutdown in the same process leaves that cache pointing at a destroyed group.
@@ -8,6 +9,7 @@ import os
 import socket
 
 import pytest
+from data_fixtures import fmnist_lt, workdir  # noqa: F401  (fixtures, found by name)
 from slurm_fixtures import local_slurm_cluster  # noqa: F401  (a fixture, found by name)
 
 from ltdist.distributed import init_distributed, shutdown_distributed

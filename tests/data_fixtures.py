@@ -29,6 +29,14 @@ def fmnist_lt(tmp_path_factory) -> Path:
     return out / "index.json"
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, fmnist_lt) -> Path:
+    """A test module's working directory whose ``shards/`` is the session's Fashion-MNIST-LT (built once)."""
+    root = tmp_path_factory.mktemp("work")
+    (root / "shards").symlink_to(fmnist_lt.parent)
+    return root
+
+
 def png_bytes(seed: int, size: int = 8, channels: int = 1) -> bytes:
     rng = np.random.default_rng(seed)
     shape = (size, size) if channels == 1 else (size, size, 3)

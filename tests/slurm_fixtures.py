@@ -66,6 +66,22 @@ class LocalSlurmCluster:
         ).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
+    def preempt(self, job_id: str, timeout_s: float = 150) -> None:
+        """Signal the job as at its time limit (USR2 to every task, where submitit's handler is, hence not
+        --batch), wait until it is requeued (Restarts=1, PENDING) and let it start again at once."""
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            fields = self.job_fields(job_id)
+            if fields.get("Restarts") == "1" and fields.get("JobState") == "PENDING":
+                break
+            if time.monotonic() > deadline:
+                state = fields.get("JobState")
+                raise TimeoutError(f"job {job_id} not requeued {timeout_s} s after USR2 (state {state})")
+            time.sleep(0.5)
+        time.sleep(2)  # slurmd refuses a restart within the second of the credential revocation
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
     def wait_for_job(self, job_id: str | int, timeout_s: float = 60, poll_s: float = 0.25) -> dict[str, str]:
         """Poll until the job reaches a final state; return its fields. TimeoutError names the last state."""
         deadline = time.monotonic() + timeout_s

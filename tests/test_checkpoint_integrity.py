@@ -51,18 +51,6 @@ def plant(path: Path, marker: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("integrity")
-    from omegaconf import OmegaConf
-
-    from ltdist.config.schema import DataConfig
-    from ltdist.data import ensure_shards
-
-    ensure_shards(OmegaConf.structured(DataConfig(shards=str(root / "shards"))))
-    return root
-
-
-@pytest.fixture(scope="module")
 def preempted(workdir) -> Path:
     """A run preempted at step 5, with committed checkpoints at steps 3, 4 and 5."""
     run_dir = workdir / "P"

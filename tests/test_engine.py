@@ -149,18 +149,6 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("engine")
-    from omegaconf import OmegaConf
-
-    from ltdist.config.schema import DataConfig
-    from ltdist.data import ensure_shards
-
-    ensure_shards(OmegaConf.structured(DataConfig(shards=str(root / "shards"))))
-    return root
-
-
-@pytest.fixture(scope="module")
 def run_a(workdir) -> tuple[Path, Path]:
     run_dir = workdir / "A"
     results = launch(run_dir, workdir / "A_out")

@@ -67,13 +67,7 @@ def test_usr2_saves_requeues_and_matches_uninterrupted(local_slurm_cluster, tmp_
     job_id = next(line.split()[-1] for line in submitted.stdout.splitlines() if line.startswith("job id:"))
     run_dir = root / "slurm_preempt" / "preempted"
     _wait_for(lambda: _last_step(run_dir) >= 4, 180, "training progress of the job to preempt")
-    # All tasks get USR2 (not --batch: the signal must reach the srun tasks, where submitit's handler is).
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    # Requeued once the old tasks are gone (rank 1 waits in requeue_and_exit until Slurm kills it).
-    _wait_for(lambda: (lambda f: f.get("Restarts") == "1" and f.get("JobState") == "PENDING")(
-        cluster.job_fields(job_id)), 150, "the requeued job pending (Restarts=1)")
-    time.sleep(2)  # slurmd refuses a restart within the second of the credential revocation
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    cluster.preempt(job_id)  # rank 1 waits in requeue_and_exit until Slurm kills it, then the job requeues
     fields = cluster.wait_for_job(job_id, timeout_s=240)
     assert fields["JobState"] == "COMPLETED", fields
 

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,11 +40,7 @@ def test_sweep_array_preempted_cell_requeues_and_rerun_skips(local_slurm_cluster
     preempted = next(j for j, seed in jobs.items() if seed == "1")
     run_dir = out / "fmnist_lt" / "fmnist_lt" / "seed1"
     _wait_for(lambda: _last_step(run_dir) >= 4, 240, "training progress of the cell to preempt")
-    subprocess.run(["scancel", "--signal=USR2", preempted], check=True)
-    _wait_for(lambda: (lambda f: f.get("Restarts") == "1" and f.get("JobState") == "PENDING")(
-        cluster.job_fields(preempted)), 150, "the requeued array task pending (Restarts=1)")
-    time.sleep(2)  # slurmd refuses a restart within the second of the credential revocation
-    subprocess.run(["scontrol", "update", f"JobId={preempted}", "StartTime=now"], check=True)
+    cluster.preempt(preempted)
     for job in jobs:
         fields = cluster.wait_for_job(job, timeout_s=300)
         assert fields["JobState"] == "COMPLETED", (job, fields)
