@@ -17,8 +17,9 @@ namespace {
 constexpr int kThreads = 256;
 
 // grid x: column tiles of kThreads normals, grid y: rows (chunked by the launcher below 65535)
-__global__ void fill_normals_kernel(const uint64_t* keys, const uint64_t* bases, const float* scales,
-                                    int64_t row0, int64_t count, float* out) {
+__global__ void __launch_bounds__(kThreads) fill_normals_kernel(const uint64_t* keys, const uint64_t* bases,
+                                                                 const float* scales, int64_t row0, int64_t count,
+                                                                 float* out) {
   const int64_t j = row0 + blockIdx.y;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i < count) out[j * count + i] = scales[j] * normal(keys[j], bases[j] + i);
