@@ -71,9 +71,6 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-_listening: list[socket.socket] = []  # the loopback store's listening socket, kept open for the process group
-
-
 def _loopback_store(port: int, rank: int, world_size: int, timeout_s: int) -> dist.TCPStore:
     """The rendezvous store on 127.0.0.1 only: torch's TCPStore server listens on every interface, so rank 0
     binds the socket itself and hands it over; the other ranks connect to it as clients."""
@@ -84,8 +81,11 @@ def _loopback_store(port: int, rank: int, world_size: int, timeout_s: int) -> di
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((LOOPBACK, port))
     listener.listen(max(world_size, 128))
-    _listening.append(listener)
-    return dist.TCPStore(LOOPBACK, port, world_size, True, timeout, master_listen_fd=listener.fileno())
+    store = dist.TCPStore(LOOPBACK, port, world_size, True, timeout, master_listen_fd=listener.fileno())
+    # The store owns the descriptor now and closes it at shutdown; Python must never close it (by then the
+    # number may belong to another file), so the socket object lets go of it.
+    listener.detach()
+    return store
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistEnv:
@@ -135,5 +135,3 @@ def barrier() -> None:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-    while _listening:
-        _listening.pop().close()
