@@ -24,6 +24,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -52,6 +53,11 @@ class RunInfo:
     @property
     def report(self) -> Path:
         return self.run_dir / "report.json"
+
+    @cached_property
+    def classifiers(self) -> dict[str, dict]:
+        """report.json's classifier rows, read once: every paired difference of the conclusions reads them."""
+        return json.loads(self.report.read_text())["classifiers"]
 
     def chosen_on_val(self) -> dict[str, dict]:
         """Stage-2 file → its parameters chosen on val (τ, k set), for the files that chose any."""
@@ -141,7 +147,7 @@ def per_seed(runs: Sequence[RunInfo], classifier: str, column: str) -> dict[int,
     """seed → the report value of ``classifier`` in ``column`` (fraction), for the runs that report it."""
     values = {}
     for run in runs:
-        row = json.loads(run.report.read_text())["classifiers"].get(classifier)
+        row = run.classifiers.get(classifier)
         if row is not None and row.get(column) is not None:
             values[run.seed] = float(row[column])
     return values
