@@ -86,3 +86,21 @@ def test_pick_keeps_the_named_pairs_in_order(tmp_path, capsys):
     assert [m["stage2"] for m in methods] == ["cRT", "cosine"]
     assert main([str(tmp_path), "--out", str(tmp_path / "o"), "--pick", "ce=cRT"]) == 2
     assert "no such STAGE1=CLASSIFIER row" in capsys.readouterr().err
+
+
+def test_split_val_compares_the_rows_scored_on_val(tmp_path, capsys):
+    for seed in range(2):
+        run_dir = _run(tmp_path / "runs", "ce", seed, {"cosine": (0.9, 0.1)})
+        report = json.loads((run_dir / "report.json").read_text())
+        report["val"] = {"samples": 30, "classifiers": {"cosine": {"many": 0.6, "medium": 0.5, "few": 0.4 + seed / 10,
+                                                                   "all": 0.5}}}
+        (run_dir / "report.json").write_text(json.dumps(report))
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "val"), "--split", "val"]) == 0
+    data = json.loads((tmp_path / "val" / "comparison.json").read_text())
+    assert data["split"] == "val" and data["methods"][0]["few"]["mean"] == pytest.approx(0.45)
+    assert "on the val split" in (tmp_path / "val" / "comparison.md").read_text()
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "test")]) == 0
+    assert json.loads((tmp_path / "test" / "comparison.json").read_text())["methods"][0]["few"]["mean"] == 0.1
+    _run(tmp_path / "runs", "old", 0, {"cosine": (0.9, 0.1)}, experiment="older")  # a report without val rows
+    assert main([str(tmp_path / "runs"), "--split", "val"]) == 2
+    assert "has no val scores" in capsys.readouterr().err

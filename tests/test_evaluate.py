@@ -27,7 +27,8 @@ from ltdist.evaluate.aggregate import aggregate_reports, format_mean_std_table
 from ltdist.methods.classifier_set import ClassifierSet, LinearScorer
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import kt as kt_stage
-from ltdist.stages.evaluate import evaluate_run
+from ltdist.stages.evaluate import evaluate_run, predict_all
+from ltdist.stages.kt import load_kt_classifiers
 
 
 def test_group_assignment_at_threshold_boundaries():
@@ -237,3 +238,22 @@ def test_stage_takes_the_row_limit_from_the_config(tmp_path):
     assert "## Per-class top-1 (%) by training count" in (run_dir / "report.md").read_text()
     assert "count_bins" in json.loads((run_dir / "report.json").read_text())
     assert (run_dir / "plots" / "accuracy_histogram.png").is_file()
+
+
+def test_stage_scores_every_classifier_on_val_as_well(tmp_path):
+    run_dir = make_run_dir(tmp_path)
+    ctx = stage_context(run_dir, "stages=[kt,evaluate]")
+    kt_stage.run(ctx)
+    evaluate_stage.run(ctx)
+    report = json.loads((run_dir / "report.json").read_text())
+    val = torch.load(run_dir / "features" / "val.pt", weights_only=True)
+    assert report["val"]["samples"] == val["labels"].numel() == 24
+    assert set(report["val"]["classifiers"]) == set(report["classifiers"])
+    kt = load_kt_classifiers(run_dir)
+    groups = {g: list(ids) for g, ids in report["groups"].items()}
+    expected = group_accuracy(predict_all(kt, {}, val["features"])["prototypes"], val["labels"], groups, 6)
+    assert report["val"]["classifiers"]["prototypes"] == pytest.approx(expected)
+    assert report["val"]["classifiers"] != report["classifiers"]  # another split, not a copy of test's rows
+    (run_dir / "features" / "val.pt").unlink()  # a run without val: the report has test rows only
+    evaluate_stage.run(ctx)
+    assert "val" not in json.loads((run_dir / "report.json").read_text())

@@ -13,11 +13,27 @@ from pathlib import Path
 
 from ltdist.evaluate.report import COLUMNS
 
+SPLITS = ("test", "val")  # the splits report.json scores: "classifiers" (test) and "val"
 
-def aggregate_reports(paths: Sequence[Path]) -> dict[str, dict[str, tuple[float, float, int] | None]]:
+
+def split_rows(report: dict, split: str, path: Path | str = "report.json") -> dict[str, dict]:
+    """The classifier rows of one split of a parsed report.json: test's "classifiers", or "val"'s."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "test":
+        return report["classifiers"]
+    if "val" not in report:
+        raise ValueError(f"{path} has no val scores (the run has no features/val.pt, or its report predates them: "
+                         f"rerun its evaluate stage, stages=[evaluate])")
+    return report["val"]["classifiers"]
+
+
+def aggregate_reports(paths: Sequence[Path], split: str = "test"
+                      ) -> dict[str, dict[str, tuple[float, float, int] | None]]:
     """classifier → column → (mean, sample std, runs) in [0, 1], over the runs that report it; None if none.
 
-    Every report must be of the same dataset with the same groups (else the means mix different things).
+    ``split``: "test" (the report's tables) or "val". Every report must be of the same dataset with the same
+    groups (else the means mix different things).
     """
     if not paths:
         raise ValueError("aggregate_reports: no report.json given")
@@ -26,13 +42,13 @@ def aggregate_reports(paths: Sequence[Path]) -> dict[str, dict[str, tuple[float,
     for path, r in zip(paths, reports):
         if (r["dataset"], r["groups"]) != (first["dataset"], first["groups"]):
             raise ValueError(f"{path}: dataset or class groups differ from {paths[0]}; cannot average them")
-    names = list(dict.fromkeys(n for r in reports for n in r["classifiers"]))
+    rows = [split_rows(r, split, path) for path, r in zip(paths, reports)]
+    names = list(dict.fromkeys(n for r in rows for n in r))
     table: dict[str, dict[str, tuple[float, float, int] | None]] = {}
     for name in names:
         table[name] = {}
         for column in COLUMNS:
-            values = [r["classifiers"][name][column] for r in reports
-                      if name in r["classifiers"] and r["classifiers"][name][column] is not None]
+            values = [r[name][column] for r in rows if name in r and r[name][column] is not None]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             table[name][column] = (statistics.fmean(values), std, len(values)) if values else None
     return table

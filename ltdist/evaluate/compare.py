@@ -9,7 +9,8 @@ seeds of one method, and every classifier row of their reports (the head, kt, cr
 averaged over them with :func:`ltdist.evaluate.aggregate.aggregate_reports` (mean ± sample std).
 Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` (one panel per column, a bar per
 method coloured by stage-1 objective, error bars = std); the run list says what each run's stage-2
-stages chose on val (τ, the KT k set).
+stages chose on val (τ, the KT k set). ``--split val`` compares the rows scored on val instead of test
+(report.json's ``"val"``): what a choice such as the training budget may read.
 
 The conclusions are computed, not typed: a backbone × classifier matrix (All and Few), the best classifier
 per backbone and overall (by mean All) with every classifier it does not beat beyond seed noise, and each
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ltdist.evaluate.aggregate import aggregate_reports, mean_std_cell
+from ltdist.evaluate.aggregate import SPLITS, aggregate_reports, mean_std_cell, split_rows
 from ltdist.evaluate.paired import PairedDifference, paired_difference
 from ltdist.evaluate.plots import plot_comparison
 from ltdist.evaluate.report import COLUMNS
@@ -49,6 +50,7 @@ class RunInfo:
     objective: str
     head: str
     seed: int
+    split: str = "test"  # which of report.json's splits its rows come from (aggregate.SPLITS)
 
     @property
     def report(self) -> Path:
@@ -56,8 +58,8 @@ class RunInfo:
 
     @cached_property
     def classifiers(self) -> dict[str, dict]:
-        """report.json's classifier rows, read once: every paired difference of the conclusions reads them."""
-        return json.loads(self.report.read_text())["classifiers"]
+        """report.json's classifier rows of :attr:`split`, read once: every paired difference reads them."""
+        return split_rows(json.loads(self.report.read_text()), self.split, self.report)
 
     def chosen_on_val(self) -> dict[str, dict]:
         """Stage-2 file → its parameters chosen on val (τ, k set), for the files that chose any."""
@@ -74,8 +76,9 @@ def stage1_objective(cfg) -> str:
     return loss
 
 
-def find_runs(paths: Sequence[Path]) -> list[RunInfo]:
-    """The runs at or below ``paths`` (each needs report.json and config.yaml), sorted by directory."""
+def find_runs(paths: Sequence[Path], split: str = "test") -> list[RunInfo]:
+    """The runs at or below ``paths`` (each needs report.json and config.yaml), sorted by directory; their
+    rows are those of ``split`` ("test" or "val")."""
     reports: list[Path] = []
     for path in map(Path, paths):
         found = [path / "report.json"] if (path / "report.json").is_file() else sorted(path.rglob("report.json"))
@@ -91,7 +94,7 @@ def find_runs(paths: Sequence[Path]) -> list[RunInfo]:
         runs.append(RunInfo(run_dir=report.parent, experiment=str(OmegaConf.select(cfg, "experiment", default="")),
                             objective=stage1_objective(cfg),
                             head=str(OmegaConf.select(cfg, "model.classifier", default="cosine")),
-                            seed=int(OmegaConf.select(cfg, "trainer.seed", default=0))))
+                            seed=int(OmegaConf.select(cfg, "trainer.seed", default=0)), split=split))
     return runs
 
 
@@ -122,7 +125,7 @@ def compare_runs(runs: Sequence[RunInfo], classifiers: Sequence[str] | None = No
     """
     rows = []
     for label, members in group_runs(runs).items():
-        table = aggregate_reports([r.report for r in members])
+        table = aggregate_reports([r.report for r in members], members[0].split)
         for name, columns in table.items():
             if classifiers is None or name in classifiers:
                 rows.append({"stage1": label, "stage2": name, "seeds": sorted(r.seed for r in members), **columns})
@@ -244,8 +247,9 @@ def write_comparison(rows: Sequence[dict], runs: Sequence[RunInfo], out_dir: Pat
     chosen = {r.run_dir: r.chosen_on_val() for r in runs}
     paths = {suffix: out_dir / f"comparison.{suffix}" for suffix in ("md", "json", "png")}
     as_dict = lambda v: None if v is None else {"mean": v[0], "std": v[1], "runs": v[2]}
+    split = runs[0].split if runs else "test"
     paths["json"].write_text(json.dumps({
-        "columns": list(COLUMNS),
+        "split": split, "columns": list(COLUMNS),
         "runs": [{"run_dir": str(r.run_dir), "experiment": r.experiment, "objective": r.objective, "head": r.head,
                   "seed": r.seed, "chosen_on_val": chosen[r.run_dir]} for r in runs],
         "methods": [{"stage1": r["stage1"], "stage2": r["stage2"], "seeds": r["seeds"],
@@ -262,8 +266,8 @@ def write_comparison(rows: Sequence[dict], runs: Sequence[RunInfo], out_dir: Pat
                     {c: [None if r[c] is None else r[c][1] for r in rows] for c in COLUMNS},
                     title=f"mean ± std over {'/'.join(map(str, seeds))} seeds")
     md = ["# Long-tail comparison", "",
-          f"{len(runs)} runs; top-1 (%) on the test split, mean ± sample std over the seeds of each stage-1 "
-          "objective; many / medium / few: mean per-class accuracy of the group, All: every test sample.", "",
+          f"{len(runs)} runs; top-1 (%) on the {split} split, mean ± sample std over the seeds of each stage-1 "
+          f"objective; many / medium / few: mean per-class accuracy of the group, All: every {split} sample.", "",
           format_comparison(rows), "", "## Backbone × classifier", "",
           *(line for c in CLAIM_COLUMNS for line in (format_matrix(rows, c), "")),
           "## Conclusions", "", "Differences are paired over seeds with a 95 % Student-t interval; an interval "
@@ -289,9 +293,11 @@ def main(argv: list[str] | None = None) -> int:
                              "'ce (linear head)=cRT'")
     parser.add_argument("--claim", action="append", default=[], metavar="'STAGE1=ROW > STAGE1=ROW'",
                         help="a claim to check (All and Few), paired over seeds; repeatable")
+    parser.add_argument("--split", choices=SPLITS, default="test",
+                        help="the report rows to compare: test (default) or val (for choices such as the budget)")
     args = parser.parse_args(argv)
     try:
-        runs = find_runs(args.runs)
+        runs = find_runs(args.runs, args.split)
         keep = args.classifiers.split(",") if args.classifiers else None
         rows = compare_runs(runs, keep)
         if args.pick:

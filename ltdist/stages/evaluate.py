@@ -42,7 +42,7 @@ from ltdist.methods.kt import KTClassifiers, cosine_probabilities
 from ltdist.methods.objectives.mpcl import load_prototypes
 from ltdist.models.weights import read_weights_record
 from ltdist.stages import StageContext
-from ltdist.stages.extract import load_features
+from ltdist.stages.extract import features_path, load_features
 from ltdist.stages.kt import classifiers_path, load_kt_classifiers
 
 # Probabilities held per classifier and chunk (elements, 32 MiB in float32): a chunk has 2^23 / C test samples, so
@@ -170,13 +170,15 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
                  dataset: str, out_dir: Path, many_threshold: int, few_threshold: int, per_class_rows_max: int,
                  device: torch.device | str = "cpu", health: dict | None = None,
                  run_notes: list[str] | None = None,
-                 weights: dict | None = None) -> tuple[Path, str]:
+                 weights: dict | None = None, val: dict | None = None) -> tuple[Path, str]:
     """Score every classifier, write the report files and plots into ``out_dir``; return (report.md, tables).
 
     Past ``per_class_rows_max`` classes the per-class table and plot are binned by training count.
     ``run_notes``: lines about the run itself (e.g. :func:`training_notes`), listed with the report's notes.
     ``weights``: where the backbone's weights came from (``weights/source.json``), kept in report.json and
     named in report.md's notes. ``health``: the run's prototype health for the report, or None.
+    ``val``: the val features ({"features", "labels"}) or None: every classifier is scored on them too, with
+    the same groups, into report.json's ``"val"`` (what a choice of budget or method may read; test may not).
     """
     num_classes = len(train_counts)
     groups = class_groups(train_counts, many_threshold, few_threshold)
@@ -229,10 +231,17 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
         plots = [plot_per_class_accuracy(plot_dir / "per_class_accuracy.png", train_counts,
                                          {n: per_class[n] for n in shown}, many_threshold, few_threshold),
                  plot_group_bars(plot_dir / "group_accuracy.png", results)]
+    extra = {"weights": weights} if weights else {}
+    if val is not None:
+        val_predictions = predict_all(kt, sets, val["features"], device)
+        extra["val"] = {"samples": int(val["labels"].numel()),
+                        "classifiers": {n: group_accuracy(p, val["labels"], groups, num_classes)
+                                        for n, p in val_predictions.items()}}
+        notes.append(f"report.json's \"val\" holds the same rows on the val split ({val['labels'].numel()} "
+                     "samples), for choices that must not read test")
     path = write_report(out_dir, dataset=dataset, groups=groups, results=results, per_class=per_class,
                         train_counts=train_counts, tables=tables, notes=notes, plots=plots, labels=row_labels,
-                        per_class_rows_max=per_class_rows_max, prototype_health=health,
-                        extra={"weights": weights} if weights else None)
+                        per_class_rows_max=per_class_rows_max, prototype_health=health, extra=extra or None)
     printed = "\n\n".join(f"{title}\n{format_table(results, sections, row_labels)}"
                            for title, sections in tables.items())
     return path, printed
@@ -262,6 +271,7 @@ def run(ctx: StageContext) -> None:
         if kt is None:
             sets = {"head": head_classifier_set(ctx.run_dir), **sets}
         test = load_features(ctx.run_dir, "test")
+        val = load_features(ctx.run_dir, "val") if features_path(ctx.run_dir, "val").is_file() else None
         if kt is not None:
             counts = kt.train_counts.tolist()
         else:
@@ -281,6 +291,7 @@ def run(ctx: StageContext) -> None:
                                      few_threshold=cfg.evaluate.few_threshold,
                                      per_class_rows_max=cfg.evaluate.per_class_rows_max, device=ctx.dist.device,
                                      health=health, run_notes=training_notes(ctx.run_dir),
-                                     weights=read_weights_record(ctx.run_dir / "weights"))
+                                     weights=read_weights_record(ctx.run_dir / "weights"),
+                                     val=val)
         print(f"{printed}\n\nreport: {path}", flush=True)
     barrier()
