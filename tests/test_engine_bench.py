@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
-from ltdist.engine.bench import _ds_step, make_sgd, summarise, timed_rounds
+from ltdist.engine.bench import ds_step, make_sgd, summarise, timed_rounds
 from ltdist.engine.ds_config import build_deepspeed_config, plan_batches, skip_single_rank_allreduce
 
 
@@ -42,7 +43,7 @@ def test_skipping_the_single_rank_allreduce_trains_the_same_weights(env):
     images, labels = torch.randn(8, 1, 8, 8), torch.randint(0, 4, (8,))
     for _ in range(3):
         for engine in engines:
-            _ds_step(engine, images, labels)
+            ds_step(engine, images, labels)
     for (name, a), (_, b) in zip(engines[0].module.named_parameters(), engines[1].module.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     assert not torch.equal(next(model.parameters()), next(engines[0].module.parameters()))  # it did train
@@ -51,3 +52,21 @@ def test_skipping_the_single_rank_allreduce_trains_the_same_weights(env):
     config1 = build_deepspeed_config(plan_batches(8, 1, 1), "fp32", 1, grad_clip=0.0)
     engine1 = deepspeed.initialize(model=zero1, optimizer=make_sgd(zero1), config=config1, dist_init_required=False)[0]
     assert not skip_single_rank_allreduce(engine1) and engine1.enable_backward_allreduce  # ZeRO keeps its reduction
+
+
+def test_distributed_benchmark_times_every_mode_and_a_variant_on_two_ranks(tmp_path, capsys):
+    from ltdist.engine import bench_dist
+
+    out = tmp_path / "dist.json"
+    variant = 'zero2-overlap:2:{"zero_optimization": {"overlap_comm": true, "reduce_bucket_size": 100000}}'
+    assert bench_dist.main(["--cases", "resnet8:8:8", "--channels", "1", "--steps", "2", "--warmup", "0",
+                            "--variant", variant, "--profile", "1", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert list(row["modes"]) == ["ddp", "zero0", "zero1", "zero2", "zero2-overlap"]
+    assert row["modes"]["ddp"]["paired_wall"] == 1.0 and all(m["wall_s"] > 0 for m in row["modes"].values())
+    assert row["variants"]["zero2-overlap"]["zero_optimization"]["overlap_comm"] is True
+    assert row["micro_batch"] == 4 and row["params"] > 0 and "zero2-overlap - ddp" in row["profile"]
+    printed = capsys.readouterr().out
+    assert "zero2-overlap" in printed and "grew most" in printed
+    with pytest.raises(SystemExit):
+        bench_dist.main(["--variant", "zero1:1:{}"])  # a name the built-in modes use

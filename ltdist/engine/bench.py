@@ -39,13 +39,13 @@ from ltdist.engine.ds_config import build_deepspeed_config, plan_batches, skip_s
 LOOPS = ("plain", "deepspeed", "ltdist")  # plain PyTorch, DeepSpeed as shipped, DeepSpeed as ltdist sets it up
 
 
-def _plain_step(model, optimizer, images, labels) -> None:
+def plain_step(model, optimizer, images, labels) -> None:
     optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(model(images), labels).backward()
     optimizer.step()
 
 
-def _ds_step(engine, images, labels) -> None:
+def ds_step(engine, images, labels) -> None:
     engine.backward(F.cross_entropy(engine(images), labels))
     engine.step()
 
@@ -134,9 +134,9 @@ def bench_case(arch: str, image_size: int, batch: int, channels: int, steps: int
         memory_format=fmt)
     labels = torch.randint(0, 10, (batch,), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    loops = {"plain": lambda: _plain_step(copies["plain"], plain_opt, images, labels),
-             "deepspeed": lambda: _ds_step(engines["deepspeed"], images, labels),
-             "ltdist": lambda: _ds_step(engines["ltdist"], images, labels)}
+    loops = {"plain": lambda: plain_step(copies["plain"], plain_opt, images, labels),
+             "deepspeed": lambda: ds_step(engines["deepspeed"], images, labels),
+             "ltdist": lambda: ds_step(engines["ltdist"], images, labels)}
     times = timed_rounds(loops, steps, warmup, sync)
     row = {"arch": arch, "image_size": image_size, "batch": batch, "channels": channels, "zero_stage": zero_stage,
            "precision": precision, "channels_last": channels_last, "compile": compile_backbone,
@@ -147,7 +147,7 @@ def bench_case(arch: str, image_size: int, batch: int, channels: int, steps: int
     return row
 
 
-def _print_profile(profile: dict[str, list]) -> None:
+def print_profile(profile: dict[str, list]) -> None:
     for name, entries in profile.items():
         if " - " in name:
             print(f"\nprofile, {name}: operators whose self CPU time per step grew most (ms, calls before -> after)")
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if "profile" in r:
             print(f"\n== {r['arch']} {r['image_size']} px, batch {r['batch']}")
-            _print_profile(r["profile"])
+            print_profile(r["profile"])
     args.out.write_text(json.dumps({"target_ratio": 1.10, "results": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
     if args.objectives:

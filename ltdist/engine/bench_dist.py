@@ -1,12 +1,18 @@
 """Benchmark, distributed: DeepSpeed ZeRO 0/1/2 against torch DistributedDataParallel on R ranks (gloo).
 
     python -m ltdist.engine.bench_dist [--cases resnet32:28:128] [--ranks 2] [--steps 10] [--threads 1]
+                                       [--variant 'NAME:STAGE:JSON' ...] [--profile N] [--out FILE]
 
 The batch of a case is the global batch: each of the R processes trains on batch/R samples. Every rank
 holds one copy of the model per mode (DDP, ZeRO-0, ZeRO-1, ZeRO-2; same initial weights) and the rounds
 rotate through the modes as :func:`ltdist.engine.bench.timed_rounds` does. A barrier starts every step, and
 a step's time is the slowest rank's (all-reduced max), which is what a synchronous job waits for. Prints
 median wall and CPU ms and the per-round ratio to DDP; writes them as JSON.
+
+``--variant NAME:STAGE:JSON`` adds a mode: ZeRO stage STAGE with JSON (raw DeepSpeed keys) merged into
+ltdist's config, e.g. ``'zero2-overlap:2:{"zero_optimization": {"overlap_comm": true}}'``, timed in the same
+rounds as the others. ``--profile N`` then profiles N steps of every mode with torch.profiler on each rank
+and prints rank 0's top operators and those that grew most against DDP.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ltdist.engine.bench import _ds_step, _plain_step, make_sgd, summarise, timed_rounds
+from ltdist.engine.bench import ds_step, make_sgd, plain_step, print_profile, profile_loops, summarise, timed_rounds
 from ltdist.engine.ds_config import build_deepspeed_config, plan_batches
 
 MODES = ("ddp", "zero0", "zero1", "zero2")
@@ -40,25 +46,29 @@ def _bench_case(rank: int, world: int, arch: str, size: int, batch: int, args: d
     ddp_model = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(model))
     ddp_opt = make_sgd(ddp_model)
     engines = {}
-    for stage in (0, 1, 2):
+    for name, stage, extra in [*((f"zero{s}", s, None) for s in (0, 1, 2)), *args["variants"]]:
         replica = copy.deepcopy(model)
-        config = build_deepspeed_config(plan, "fp32", stage, grad_clip=0.0)
-        engines[stage], _, _, _ = deepspeed.initialize(model=replica, optimizer=make_sgd(replica), config=config,
-                                                       dist_init_required=False)
+        config = build_deepspeed_config(plan, "fp32", stage, grad_clip=0.0, extra=extra)
+        engines[name], _, _, _ = deepspeed.initialize(model=replica, optimizer=make_sgd(replica), config=config,
+                                                      dist_init_required=False)
     torch.manual_seed(1 + rank)  # each rank its own share of the global batch
     images = torch.randn(plan.micro_batch, args["channels"], size, size)
     labels = torch.randint(0, 10, (plan.micro_batch,))
-    loops = {"ddp": lambda: _plain_step(ddp_model, ddp_opt, images, labels),
-             **{f"zero{s}": (lambda e=e: _ds_step(e, images, labels)) for s, e in engines.items()}}
+    loops = {"ddp": lambda: plain_step(ddp_model, ddp_opt, images, labels),
+             **{name: (lambda e=e: ds_step(e, images, labels)) for name, e in engines.items()}}
     times = timed_rounds(loops, args["steps"], args["warmup"], sync=dist.barrier)
     for t in times.values():  # the slowest rank sets the pace of a synchronous step
         for kind in ("wall", "cpu"):
             values = torch.tensor(t[kind], dtype=torch.float64)
             dist.all_reduce(values, op=dist.ReduceOp.MAX)
             t[kind] = values.tolist()
-    return {"arch": arch, "image_size": size, "global_batch": batch, "ranks": world, "micro_batch": plan.micro_batch,
-            "threads": torch.get_num_threads(), "steps": args["steps"], "modes": summarise(times, "ddp"),
-            "times": times}
+    row = {"arch": arch, "image_size": size, "global_batch": batch, "ranks": world, "micro_batch": plan.micro_batch,
+           "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+           "steps": args["steps"], "variants": {name: extra for name, _, extra in args["variants"]},
+           "modes": summarise(times, "ddp"), "times": times}
+    if args["profile"]:
+        row["profile"] = profile_loops(loops, args["profile"])  # every rank runs the same collectives
+    return row
 
 
 def _rank_main(rank: int, world: int, port: int, cases: list[tuple[str, int, int]], args: dict, out: str) -> None:
@@ -86,8 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (0: torch's default)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:STAGE:JSON",
+                        help="another DeepSpeed mode: ZeRO STAGE with JSON merged into ltdist's config; repeatable")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps of every mode")
     parser.add_argument("--out", type=Path, default=Path("bench_engine_dist.json"))
     args = parser.parse_args(argv)
+    variants = []
+    for spec in args.variant:
+        name, stage, raw = [*spec.split(":", 2), "", ""][:3]
+        try:
+            variants.append((name, int(stage), json.loads(raw)))
+        except ValueError:
+            parser.error(f"--variant entries are NAME:STAGE:JSON, e.g. 'zero2-overlap:2:{{\"zero_optimization\": "
+                         f"{{\"overlap_comm\": true}}}}', got {spec!r}")
+        if name in MODES or not name or int(stage) not in (0, 1, 2):
+            parser.error(f"--variant {spec!r}: the name must be new (not {MODES}) and the stage 0, 1 or 2")
     cases = []
     for case in args.cases:
         try:
@@ -98,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    options = {"channels": args.channels, "steps": args.steps, "warmup": args.warmup, "threads": args.threads}
+    options = {"channels": args.channels, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+               "variants": variants, "profile": args.profile}
     mp.start_processes(_rank_main, args=(args.ranks, port, cases, options, str(args.out)), nprocs=args.ranks,
                        start_method="spawn")
     rows = json.loads(args.out.read_text())["results"]
@@ -111,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['paired_cpu']:>12.3f}")
     print("ms: median per step of the slowest rank; vs DDP: median over rounds of the step's time / DDP's in the "
           "same round; batch: global")
+    for r in rows:
+        if "profile" in r:
+            print(f"\n== {r['arch']} {r['image_size']} px, global batch {r['global_batch']} (rank 0)")
+            print_profile(r["profile"])
     print(f"wrote {args.out}")
     return 0
 
