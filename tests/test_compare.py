@@ -104,3 +104,20 @@ def test_split_val_compares_the_rows_scored_on_val(tmp_path, capsys):
     _run(tmp_path / "runs", "old", 0, {"cosine": (0.9, 0.1)}, experiment="older")  # a report without val rows
     assert main([str(tmp_path / "runs"), "--split", "val"]) == 2
     assert "has no val scores" in capsys.readouterr().err
+
+
+def test_kept_reports_recompute_the_same_comparison_without_the_run_dirs(tmp_path):
+    for seed, few in enumerate([0.1, 0.3, 0.2]):
+        run_dir = _run(tmp_path / "runs", "ce", seed, {"cosine": (0.9, few), "cRT": (0.8, few + 0.1)}, loss="ce")
+    save_classifier_set(run_dir, ClassifierSet("tau_norm", {"τ-norm": LinearScorer("linear", torch.eye(3))},
+                                               chosen={"tau": 0.7}))
+    assert main([str(tmp_path / "runs"), "--out", str(tmp_path / "a"), "--keep-reports",
+                 "--claim", "ce (cosine head)=cRT > ce (cosine head)=cosine"]) == 0
+    kept = sorted(p.relative_to(tmp_path / "a" / "runs").as_posix() for p in (tmp_path / "a" / "runs").rglob("*.*"))
+    assert kept == [f"fmnist_lt/seed{s}/{f}" for s in range(3) for f in ("config.yaml", "report.json")]
+    assert not list((tmp_path / "a" / "runs").rglob("classifiers"))
+    assert main([str(tmp_path / "a" / "runs"), "--out", str(tmp_path / "b"),
+                 "--claim", "ce (cosine head)=cRT > ce (cosine head)=cosine"]) == 0
+    first, again = (json.loads((tmp_path / d / "comparison.json").read_text()) for d in ("a", "b"))
+    assert again["methods"] == first["methods"] and again["conclusions"] == first["conclusions"]
+    assert [r["chosen_on_val"] for r in again["runs"]] == [{}, {}, {"tau_norm": {"tau": 0.7}}]

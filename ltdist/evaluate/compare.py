@@ -10,7 +10,9 @@ averaged over them with :func:`ltdist.evaluate.aggregate.aggregate_reports` (mea
 Writes ``comparison.md``, ``comparison.json`` and ``comparison.png`` (one panel per column, a bar per
 method coloured by stage-1 objective, error bars = std); the run list says what each run's stage-2
 stages chose on val (τ, the KT k set). ``--split val`` compares the rows scored on val instead of test
-(report.json's ``"val"``): what a choice such as the training budget may read.
+(report.json's ``"val"``): what a choice such as the training budget may read. ``--keep-reports`` copies
+each run's report.json and config.yaml into ``<out>/runs/``: ``ltdist compare <out>/runs`` then gives the
+same comparison without the run directories (the evidence a README table is checked against).
 
 The conclusions are computed, not typed: a backbone × classifier matrix (All and Few), the best classifier
 per backbone and overall (by mean All) with every classifier it does not beat beyond seed noise, and each
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,9 +65,14 @@ class RunInfo:
         return split_rows(json.loads(self.report.read_text()), self.split, self.report)
 
     def chosen_on_val(self) -> dict[str, dict]:
-        """Stage-2 file → its parameters chosen on val (τ, k set), for the files that chose any."""
-        sets = load_classifier_sets(self.run_dir)
-        picked = {m: {k: v for k, v in r.chosen.items() if k in CHOSEN_KEYS} for m, r in sets.items()}
+        """Stage-2 file → its parameters chosen on val (τ, k set), for the files that chose any: from
+        report.json, or from ``classifiers/`` for a report written before it recorded them."""
+        report = json.loads(self.report.read_text())
+        if "chosen_on_val" in report:
+            chosen = report["chosen_on_val"]
+        else:
+            chosen = {m: r.chosen for m, r in load_classifier_sets(self.run_dir).items()}
+        picked = {m: {k: v for k, v in c.items() if k in CHOSEN_KEYS} for m, c in chosen.items()}
         return {m: p for m, p in picked.items() if p}
 
 
@@ -239,6 +247,20 @@ def format_comparison(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def keep_reports(runs: Sequence[RunInfo], out_dir: Path) -> Path:
+    """Copy each run's report.json and config.yaml to ``out_dir/runs/<experiment>/seed<seed>/``: what
+    ``ltdist compare`` needs to compute the same comparison again elsewhere (``ltdist compare out_dir/runs``)."""
+    root = out_dir / "runs"
+    for run in runs:
+        target = root / (run.experiment or run.run_dir.parent.name) / f"seed{run.seed}"
+        target.mkdir(parents=True, exist_ok=True)
+        report = json.loads(run.report.read_text())
+        report.setdefault("chosen_on_val", run.chosen_on_val())  # the classifier files stay behind
+        (target / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        shutil.copyfile(run.run_dir / "config.yaml", target / "config.yaml")
+    return root
+
+
 def write_comparison(rows: Sequence[dict], runs: Sequence[RunInfo], out_dir: Path,
                      claims: Sequence[str] = ()) -> dict[str, Path]:
     """comparison.md / .json / .png in ``out_dir`` with the :func:`conclusions`; returns their paths by suffix."""
@@ -293,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                              "'ce (linear head)=cRT'")
     parser.add_argument("--claim", action="append", default=[], metavar="'STAGE1=ROW > STAGE1=ROW'",
                         help="a claim to check (All and Few), paired over seeds; repeatable")
+    parser.add_argument("--keep-reports", action="store_true",
+                        help="copy every run's report.json and config.yaml into <out>/runs/, so that "
+                             "'ltdist compare <out>/runs' recomputes this comparison without the run dirs")
     parser.add_argument("--split", choices=SPLITS, default="test",
                         help="the report rows to compare: test (default) or val (for choices such as the budget)")
     args = parser.parse_args(argv)
@@ -304,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = pick_rows(rows, args.pick)
         if not rows:
             raise ValueError(f"no report row named {args.classifiers}")
-        paths = write_comparison(rows, runs, args.out or args.runs[0] / "comparison", args.claim)
+        out = args.out or args.runs[0] / "comparison"
+        paths = write_comparison(rows, runs, out, args.claim)
+        if args.keep_reports:
+            paths["runs"] = keep_reports(runs, out)
     except (FileNotFoundError, ValueError) as exc:
         print(f"ltdist compare: {exc}", file=sys.stderr)
         return 2

@@ -232,6 +232,9 @@ def evaluate_run(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], test:
                                          {n: per_class[n] for n in shown}, many_threshold, few_threshold),
                  plot_group_bars(plot_dir / "group_accuracy.png", results)]
     extra = {"weights": weights} if weights else {}
+    chosen = {method: result.chosen for method, result in sets.items() if result.chosen}
+    if chosen:  # what each stage-2 file chose on val (τ, k set, their val accuracies), for compare
+        extra["chosen_on_val"] = chosen
     if val is not None:
         val_predictions = predict_all(kt, sets, val["features"], device)
         extra["val"] = {"samples": int(val["labels"].numel()),
