@@ -81,7 +81,9 @@ class StallWatchdog:
     and where, and every peer's state from its heartbeat (a peer whose heartbeat stopped too is stopped or
     dead: named as such), SIGKILLs such peers when they run on its host (else, under Slurm, cancels the job)
     and ends the process with :data:`STALL_EXIT_CODE`; the launcher then reports the failed rank.
-    Heartbeat times are wall clock: the ranks' hosts must agree on the time (NTP).
+    Heartbeat times are wall clock: the ranks' hosts must agree on the time (NTP). A process that was
+    stopped as a whole (``scontrol suspend``, SIGSTOP, a paused VM) notices the gap in its own loop when it
+    resumes and starts its stall clock again instead of failing the job.
     """
 
     def __init__(self, timeout_s: float, directory: Path, rank: int, world_size: int,
@@ -135,7 +137,17 @@ class StallWatchdog:
 
     def _watch(self) -> None:
         every = min(self.timeout_s / 4, 30.0)
+        previous = time.monotonic()
         while not self._done.wait(every):
+            now = time.monotonic()
+            if now - previous > 2 * every + 5:
+                # This loop itself did not run: the whole process was stopped (scontrol suspend, SIGSTOP, a
+                # paused VM). The monotonic clock ran on meanwhile; counting that as a stall would fail the
+                # job the moment it is resumed, so the stall clock starts again.
+                log.warning("rank %d: this process did not run for %.0f s (suspended?); the stall clock "
+                            "(trainer.stall_timeout_s=%g) starts again", self.rank, now - previous, self.timeout_s)
+                self._last = now
+            previous = now
             self._beat()
             idle = time.monotonic() - self._last
             if idle < self.timeout_s:
