@@ -261,6 +261,15 @@ def keep_reports(runs: Sequence[RunInfo], out_dir: Path) -> Path:
     return root
 
 
+def summary_markdown(rows: Sequence[dict], found: dict) -> str:
+    """The backbone × classifier matrices (All, Few) and the conclusions: the part of comparison.md a README
+    quotes (``tests/test_readme_results.py`` checks the README's copy against the kept reports)."""
+    return "\n".join(["## Backbone × classifier", "",
+                      *(line for c in CLAIM_COLUMNS for line in (format_matrix(rows, c), "")),
+                      "## Conclusions", "", "Differences are paired over seeds with a 95 % Student-t interval; an "
+                      "interval that contains 0 is a tie.", "", format_conclusions(found)])
+
+
 def write_comparison(rows: Sequence[dict], runs: Sequence[RunInfo], out_dir: Path,
                      claims: Sequence[str] = ()) -> dict[str, Path]:
     """comparison.md / .json / .png in ``out_dir`` with the :func:`conclusions`; returns their paths by suffix."""
@@ -290,10 +299,7 @@ def write_comparison(rows: Sequence[dict], runs: Sequence[RunInfo], out_dir: Pat
     md = ["# Long-tail comparison", "",
           f"{len(runs)} runs; top-1 (%) on the {split} split, mean ± sample std over the seeds of each stage-1 "
           f"objective; many / medium / few: mean per-class accuracy of the group, All: every {split} sample.", "",
-          format_comparison(rows), "", "## Backbone × classifier", "",
-          *(line for c in CLAIM_COLUMNS for line in (format_matrix(rows, c), "")),
-          "## Conclusions", "", "Differences are paired over seeds with a 95 % Student-t interval; an interval "
-          "that contains 0 is a tie.", "", format_conclusions(found), "", "## Runs", ""]
+          format_comparison(rows), "", summary_markdown(rows, found), "", "## Runs", ""]
     for r in runs:
         picks = "; ".join(f"{m} " + ", ".join(f"{k} = {v}" for k, v in p.items()) for m, p in chosen[r.run_dir].items())
         md.append(f"- `{r.run_dir}`: {r.objective} ({r.head} head), seed {r.seed}"
