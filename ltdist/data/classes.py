@@ -13,8 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ltdist.class_groups import class_groups
 from ltdist.data.index import LongTailIndex
-from ltdist.evaluate.groups import class_groups
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from ltdist.class_groups import class_groups
 from ltdist.config.fingerprint import changed_settings, training_settings
 from ltdist.config.fingerprint import refusal as settings_refusal
 from ltdist.data.meta_set import MetaSet
@@ -32,7 +33,6 @@ from ltdist.engine.metrics import MetricsSink, StepWindow, validate
 from ltdist.engine.numerics import NonFiniteGuard, nonfinite_parameters
 from ltdist.engine.progress import TrainProgress
 from ltdist.engine.schedule import lr_at
-from ltdist.evaluate.groups import class_groups
 from ltdist.methods.objectives import build_objective
 from ltdist.models import LongTailModel, export_model
 from ltdist.models.weights import build_configured_model, write_weights_record

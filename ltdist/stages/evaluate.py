@@ -23,13 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ltdist.class_groups import class_groups, group_accuracy, per_class_accuracy
 from ltdist.distributed import barrier
 from ltdist.evaluate import (
     TableSection,
-    class_groups,
     format_table,
-    group_accuracy,
-    per_class_accuracy,
     plot_accuracy_histogram,
     plot_binned_accuracy,
     plot_group_bars,

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ltdist.distributed import barrier
-from ltdist.engine.progress import Heartbeat
+from ltdist.heartbeat import Heartbeat
 from ltdist.fileio import torch_save_atomic
 from ltdist.stages import StageContext
 from ltdist.watchdog import watchdog
