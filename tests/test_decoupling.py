@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from stage_fixtures import make_run_dir, stage_context
 
 from ltdist.config import ConfigError, load_config, validate_config
-from ltdist.config.schema import RetrainConfig
 from ltdist.methods.classifier_set import LinearScorer, head_scorer, load_classifier_sets, load_frozen_inputs
 from ltdist.methods.decoupling import (
+    RetrainConfig,
     balanced_batches,
     build_crt,
     build_lws,
