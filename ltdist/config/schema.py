@@ -95,7 +95,7 @@ class TrainerConfig:
     stall_timeout_s: float = 600.0
     # When checkpoints exist but none verifies (corrupt, truncated), train from step 0 instead of refusing.
     allow_restart_from_scratch: bool = False
-    # Training settings (ltdist.config.fingerprint) that may differ from the checkpoint's on resume,
+    # Training settings (ltdist.engine.fingerprint) that may differ from the checkpoint's on resume,
     # e.g. [optim.lr]. trainer.epochs and trainer.max_steps may always change (extending a run).
     accept_changed_keys: list[str] = field(default_factory=list)
 
