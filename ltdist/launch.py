@@ -226,8 +226,8 @@ def _resume_problems(cfg: DictConfig, run_dir: Path) -> str | None:
     differ from the newest verified checkpoint's (or whose checkpoints all fail verification), else None."""
     if "train" not in cfg.stages:
         return None
-    from ltdist.engine.fingerprint import changed_settings, refusal, training_settings
     from ltdist.engine.checkpoint import CheckpointError, find_resumable
+    from ltdist.engine.fingerprint import changed_settings, refusal, training_settings
 
     try:
         found, _ = find_resumable(run_dir / "checkpoints")

@@ -21,11 +21,11 @@ from ltdist.methods.decoupling import (
     tau_norm_scorer,
     tau_normalise,
 )
+from ltdist.rundir import features_path
 from ltdist.stages import crt as crt_stage
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import logit_adjust, ncm, tau_norm
 from ltdist.stages import lws as lws_stage
-from ltdist.stages.extract import features_path
 
 
 def chi_square_p_value(observed: torch.Tensor) -> float:

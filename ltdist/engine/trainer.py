@@ -36,6 +36,7 @@ from ltdist.engine.schedule import lr_at
 from ltdist.models import LongTailModel, export_model
 from ltdist.models.weights import build_configured_model, write_weights_record
 from ltdist.preemption import preemption_agreed, requeue_and_exit
+from ltdist.rundir import model_path
 from ltdist.watchdog import StallWatchdog
 
 log = logging.getLogger(__name__)
@@ -337,7 +338,7 @@ class Trainer:
             self.save()
         master = self._fp32_master_weights()
         if self.env.is_main:
-            export_model(self.model, self.run_dir / "weights" / "final.pt", master)
+            export_model(self.model, model_path(self.run_dir), master)
             self.objective.export(self.run_dir)
         barrier()
         self.sink.close()

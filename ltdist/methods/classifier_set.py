@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ltdist.distributed import barrier
 from ltdist.fileio import torch_save_atomic
+from ltdist.rundir import features_path, load_features, model_path
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,6 @@ class FrozenInputs:
 def load_frozen_inputs(run_dir: Path, method: str) -> FrozenInputs:
     """Load the extracted features and the stage-1 head; errors name the stage that is missing."""
     from ltdist.models import load_exported_model
-    from ltdist.stages.extract import features_path, load_features, model_path
 
     weights = model_path(run_dir)
     if not weights.is_file():

@@ -39,8 +39,8 @@ from ltdist.methods.classifier_set import KT_FILE, ClassifierSet, head_scorer, l
 from ltdist.methods.kt import KTClassifiers, cosine_probabilities
 from ltdist.methods.objectives.mpcl import load_prototypes
 from ltdist.models.weights import read_weights_record
+from ltdist.rundir import load_features
 from ltdist.stages import StageContext
-from ltdist.stages.extract import load_features
 from ltdist.stages.kt import classifiers_path, load_kt_classifiers
 
 # Probabilities held per classifier and chunk (elements, 32 MiB in float32): a chunk has 2^23 / C test samples, so
@@ -158,7 +158,7 @@ def predict(kt: KTClassifiers, features: torch.Tensor,
 def head_classifier_set(run_dir: Path) -> ClassifierSet:
     """The stage-1 head alone, for runs without a KT file: one row "cosine" or "dot product"."""
     from ltdist.models import load_exported_model
-    from ltdist.stages.extract import model_path
+    from ltdist.rundir import model_path
 
     scorer = head_scorer(load_exported_model(model_path(run_dir)).classifier)
     return ClassifierSet("head", {"cosine" if scorer.kind == "cosine" else "dot product": scorer})

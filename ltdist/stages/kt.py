@@ -24,8 +24,8 @@ from ltdist.fileio import torch_save_atomic
 from ltdist.methods.classifier_set import save_classifier_set
 from ltdist.methods.kt import KTClassifiers, build_kt_classifiers, class_prototypes
 from ltdist.methods.kt_select import select_kt_on_val
+from ltdist.rundir import features_path, load_features, model_path
 from ltdist.stages import StageContext
-from ltdist.stages.extract import features_path, load_features, model_path
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def make_kt_classifiers(head: torch.nn.Module, train: dict, prototype_source: di
     Args:
         head: the model's classifier (``CosineClassifier``: weight, scale; ``LinearClassifier``: weight,
             bias — KT then uses its normalised rows and ``linear_scale`` as s).
-        train, prototype_source: feature dicts (see :func:`ltdist.stages.extract.load_features`).
+        train, prototype_source: feature dicts (see :func:`ltdist.rundir.load_features`).
         device: where the attention runs (CUDA: the Triton kernel); the result is on the CPU.
     """
     weights = head.weight.detach().float().cpu()

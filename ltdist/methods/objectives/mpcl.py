@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltdist.data.meta_set import MetaSet
+from ltdist.engine.objective import TrainingObjective
 from ltdist.fileio import torch_save_atomic
 from ltdist.kernels.prototype_ema import prototype_ema
-from ltdist.engine.objective import TrainingObjective
 from ltdist.methods.objectives.meta_step import at_least_fp32, meta_gradient
 from ltdist.models import LongTailModel
 
