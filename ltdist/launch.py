@@ -213,9 +213,10 @@ def _data_problems(cfg) -> str | None:
         return None
     from ltdist.data import read_index
     from ltdist.data.classes import DataConfigError, check_against_data
+    from ltdist.stages.kt import val_split_needs
 
     try:
-        check_against_data(cfg, read_index(index_path))
+        check_against_data(cfg, read_index(index_path), val_split_needs(cfg))
     except DataConfigError as exc:
         return str(exc)
     return None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from ltdist.data.classes import excluded_classes
 from ltdist.distributed import barrier
@@ -28,6 +29,14 @@ from ltdist.rundir import features_path, load_features, model_path
 from ltdist.stages import StageContext
 
 log = logging.getLogger(__name__)
+
+
+def val_split_needs(cfg: DictConfig) -> dict[str, str]:
+    """The kt stage's settings that need a val split in the shards, each with the alternative to suggest
+    (for :func:`ltdist.data.classes.check_against_data`)."""
+    if "kt" in cfg.stages and cfg.method.kt.prototypes_from == "val":
+        return {"method.kt.prototypes_from=val": "prototypes_from=train"}
+    return {}
 
 
 def classifiers_path(run_dir: Path) -> Path:

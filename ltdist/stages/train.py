@@ -17,6 +17,7 @@ from ltdist.engine.ds_ops import stale_locks
 from ltdist.engine.trainer import Trainer
 from ltdist.methods.objectives import build_meta_set, build_objective
 from ltdist.stages import StageContext
+from ltdist.stages.kt import val_split_needs
 from ltdist.watchdog import watchdog
 
 
@@ -35,7 +36,7 @@ def build_trainer(ctx: StageContext, on_batch: Callable | None = None, loss_hook
         barrier()
     index = read_index(ensure_shards(cfg.data))
     plan = plan_batches(cfg.trainer.batch_size, env.world_size, cfg.trainer.grad_accum)
-    exclude = check_against_data(cfg, index)  # before any engine: bad values stop here, by key
+    exclude = check_against_data(cfg, index, val_split_needs(cfg))  # before any engine: bad values stop here, by key
     meta_set = build_meta_set(cfg, index, ctx.run_dir, env.is_main)
     held_out = meta_set.held_out_of_training() if meta_set is not None else {}
     stream = build_train_stream(
