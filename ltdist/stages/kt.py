@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from ltdist.data.classes import excluded_classes
 from ltdist.distributed import barrier
 from ltdist.fileio import torch_save_atomic
+from ltdist.labels import check_label_range
 from ltdist.methods.classifier_set import save_classifier_set
 from ltdist.methods.kt import KTClassifiers, build_kt_classifiers, class_prototypes
 from ltdist.methods.kt_select import select_kt_on_val
@@ -63,9 +64,7 @@ def make_kt_classifiers(head: torch.nn.Module, train: dict, prototype_source: di
     """
     weights = head.weight.detach().float().cpu()
     num_classes = weights.shape[0]
-    if train["labels"].numel() and int(train["labels"].max()) >= num_classes:
-        raise ValueError(f"kt: train labels reach {int(train['labels'].max())} but the classifier has "
-                         f"{num_classes} classes")
+    check_label_range(train["labels"], num_classes, "kt: train labels (classes of the trained head)")
     train_counts = torch.bincount(train["labels"], minlength=num_classes)
     excluded = excluded_classes(exclude, train_counts.tolist(), few_threshold)
     backbone_counts = train_counts.clone()
