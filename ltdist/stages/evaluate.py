@@ -49,7 +49,7 @@ CHUNK_ELEMENTS = 2**23
 
 
 def classifier_names(kt: KTClassifiers) -> tuple[list[str], list[str]]:
-    """(Table 1 rows, Table 2 rows): names of the classifiers :func:`predict` scores.
+    """(Table 1 rows, Table 2 rows): names of the KT-file classifiers :func:`predict_all` scores.
 
     "cosine" (or "dot product" for a linear head), "prototypes", "prototypes + classifier", "w_h(k)",
     "ensemble" (eq. 8 over every w_h(k)), "w_hc(k)" and "continual ensemble" (prototypes and w_hc(k)
@@ -147,12 +147,6 @@ def predict_all(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], featur
             raise ValueError(f"evaluate: two classifier files report a row named {name!r}")
         by_name[name] = top1
     return by_name
-
-
-def predict(kt: KTClassifiers, features: torch.Tensor,
-            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Top-1 class ids [N] (CPU) of every KT-file classifier on ``features`` [N, F]."""
-    return predict_all(kt, {}, features, device)
 
 
 def head_classifier_set(run_dir: Path) -> ClassifierSet:
