@@ -10,10 +10,10 @@ import, lazy ones included). A module may import its own layer and the layers be
   (``distributed``), the stall watchdog, the preemption flag the trainer polls at step boundaries, log
   heartbeats, class groups and count bins (data checks them, training validates by them, evaluate reports
   them), the label-range check, the run directory's shared paths, and the custom ops (``ltdist.kernels``).
-- **data** ← **models** (a model's weights record names the dataset's index) ← **engine** (the trainer: it
+- **data** ← **models** (the weights record hashes its file with ``data.index.file_sha256``) ← **engine** (it
   receives the training objective from the train stage and calls it through
   :class:`ltdist.engine.objective.TrainingObjective`) ← **methods** (objectives and stage-2 classifiers) ←
-  **evaluate** (reports read the methods' classifier files).
+  **evaluate** (the comparison reads what each method chose on val from its classifier file).
 - **config** sits above those: it composes sections that methods own (the decoupling baselines' dataclasses)
   and validates values against the registries of data, models, engine and methods (meta-set sources,
   architectures, memory formats, objectives). Nothing below reads the schema; stages receive the resolved
