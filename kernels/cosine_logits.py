@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from ltdist.kernels._dispatch import use_triton
 
+from ltdist.labels import check_label_range
+
 
 def cosine_logits_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Eager PyTorch oracle. x [B,F], w [N,F], scale 0-d → logits [B,N] in x's dtype (math in fp32,
@@ -57,9 +59,7 @@ def cosine_cross_entropy(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                          f"{tuple(labels.shape)}")
     fast = use_triton("cosine_cross_entropy", x=x, w=w, scale=scale, labels=labels)
     # the Triton kernel would read logits out of bounds: check what cross_entropy checks
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= w.shape[0]):
-        raise ValueError(f"cosine_cross_entropy: labels must lie in [0, {w.shape[0]}), got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    check_label_range(labels, w.shape[0], "cosine_cross_entropy: labels")
     if fast:
         from ltdist.kernels.cosine_logits_triton import CosineCrossEntropy
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from ltdist.kernels._dispatch import use_triton
 
+from ltdist.labels import check_label_range
+
 
 def check_ema_inputs(protos: torch.Tensor, counts: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor,
                      m: float) -> None:
@@ -30,9 +32,7 @@ def check_ema_inputs(protos: torch.Tensor, counts: torch.Tensor, feats: torch.Te
                          f"{tuple(labels.shape)}")
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"prototype_ema: momentum m must be in [0, 1], got {m}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= protos.shape[0]):
-        raise ValueError(f"prototype_ema: labels must lie in [0, {protos.shape[0]}), got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    check_label_range(labels, protos.shape[0], "prototype_ema: labels")
 
 
 def class_segments(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ The config is loaded and validated here, before anything is submitted; the run d
 ``<output.root>/<experiment>/<run_id>/`` gets the resolved ``config.yaml`` and the submitit logs
 (``logs/``). Before submitting, the launcher takes the run directory's lock (:mod:`ltdist.runlock`: a
 second launch into a run in use is refused, naming the holder) and, when the run has checkpoints,
-refuses a resume whose training settings differ from them (:mod:`ltdist.config.fingerprint`) or whose
+refuses a resume whose training settings differ from them (:mod:`ltdist.engine.fingerprint`) or whose
 checkpoints all fail verification; ``config.yaml`` is written only after these checks. A local job runs
 in processes on this machine and is always followed to its end.
 """
@@ -213,9 +213,10 @@ def _data_problems(cfg) -> str | None:
         return None
     from ltdist.data import read_index
     from ltdist.data.classes import DataConfigError, check_against_data
+    from ltdist.stages.kt import val_split_needs
 
     try:
-        check_against_data(cfg, read_index(index_path))
+        check_against_data(cfg, read_index(index_path), val_split_needs(cfg))
     except DataConfigError as exc:
         return str(exc)
     return None
@@ -226,8 +227,8 @@ def _resume_problems(cfg: DictConfig, run_dir: Path) -> str | None:
     differ from the newest verified checkpoint's (or whose checkpoints all fail verification), else None."""
     if "train" not in cfg.stages:
         return None
-    from ltdist.config.fingerprint import changed_settings, refusal, training_settings
     from ltdist.engine.checkpoint import CheckpointError, find_resumable
+    from ltdist.engine.fingerprint import changed_settings, refusal, training_settings
 
     try:
         found, _ = find_resumable(run_dir / "checkpoints")

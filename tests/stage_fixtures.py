@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from ltdist.config import load_config
 from ltdist.distributed import DistEnv
 from ltdist.models import build_model, export_model
+from ltdist.rundir import features_path
 from ltdist.stages import StageContext
-from ltdist.stages.extract import features_path
 
 TRAIN_COUNTS = [300, 150, 60, 25, 8, 3]  # many: 0-1, medium: 2-3, few: 4-5 (thresholds 100 / 20)
 FEATURE_DIM = 64  # resnet20's

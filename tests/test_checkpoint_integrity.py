@@ -142,7 +142,7 @@ def test_a_planted_pickle_payload_in_a_checkpoint_does_not_run(workdir, preempte
 def test_weights_features_and_classifier_files_refuse_a_payload(tmp_path):
     from ltdist.methods.classifier_set import load_classifier_sets
     from ltdist.models import load_exported_model
-    from ltdist.stages.extract import features_path, load_features
+    from ltdist.rundir import features_path, load_features
 
     marker = tmp_path / "pwned"
     plant(tmp_path / "final.pt", marker)

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_engine_epochs import COUNTS, MemoryStream
+from test_engine_epochs import COUNTS, MemoryStream, plan_and_objective
 
 from ltdist.config.load import load_config
 from ltdist.engine import checkpoint as ckpt
@@ -54,7 +54,7 @@ def test_a_full_disk_prunes_first_then_refuses_by_name_keeping_older_checkpoints
                     pass
 
     trainer = Trainer(cfg, tmpfs, env, MemoryStream(batch=16), len(COUNTS), COUNTS, None, lambda r: None,
-                      on_batch=on_batch, keep_checkpoints=2)
+                      **plan_and_objective(cfg, env), on_batch=on_batch, keep_checkpoints=2)
     with pytest.raises(ckpt.CheckpointSpaceError) as refused:
         trainer.fit()
     message = str(refused.value)

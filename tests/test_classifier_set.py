@@ -15,9 +15,9 @@ from ltdist.methods.classifier_set import (
     save_classifier_set,
     select_on_val,
 )
+from ltdist.rundir import features_path
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import kt as kt_stage
-from ltdist.stages.extract import features_path
 
 
 def test_scorers_equal_their_formulas():

@@ -15,6 +15,7 @@ from ltdist.data import ensure_shards, read_index
 from ltdist.data.build import build_shards, carve_val
 from ltdist.data.classes import DataConfigError, check_against_data
 from ltdist.data.writer import SourceSample
+from ltdist.stages.kt import val_split_needs
 
 TRAIN = [40, 20, 10, 6]
 
@@ -79,7 +80,8 @@ def test_val_per_class_zero_builds_no_val_and_training_warns_once(tmp_path, capl
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "no val split" in warnings[0] and "without per-epoch validation" in warnings[0]
     with pytest.raises(DataConfigError, match=r"method\.kt\.prototypes_from=val"):
-        check_against_data(_cfg(path, "method.kt.prototypes_from=val"), index)
+        cfg = _cfg(path, "method.kt.prototypes_from=val")
+        check_against_data(cfg, index, val_split_needs(cfg))
 
 
 def test_prebuilt_shards_are_used_under_another_data_format(folder_shards, caplog):

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from stage_fixtures import make_run_dir, stage_context
 
 from ltdist.config import ConfigError, load_config, validate_config
-from ltdist.config.schema import RetrainConfig
 from ltdist.methods.classifier_set import LinearScorer, head_scorer, load_classifier_sets, load_frozen_inputs
 from ltdist.methods.decoupling import (
+    RetrainConfig,
     balanced_batches,
     build_crt,
     build_lws,
@@ -21,11 +21,11 @@ from ltdist.methods.decoupling import (
     tau_norm_scorer,
     tau_normalise,
 )
+from ltdist.rundir import features_path
 from ltdist.stages import crt as crt_stage
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import logit_adjust, ncm, tau_norm
 from ltdist.stages import lws as lws_stage
-from ltdist.stages.extract import features_path
 
 
 def chi_square_p_value(observed: torch.Tensor) -> float:

@@ -172,8 +172,8 @@ def test_short_run_learns_and_writes_metrics(run_a):
     val = next(m for m in lines if m.get("event") == "val")
     assert set(val) >= {"val_many", "val_medium", "val_few", "val_all"}
     # the logged validation equals an independent pass of the exported model over the whole val split
+    from ltdist.class_groups import class_groups, group_accuracy
     from ltdist.data import iterate_split, read_index
-    from ltdist.evaluate.groups import class_groups, group_accuracy
 
     index = read_index(run_dir.parent / "shards" / "index.json")
     model = load_exported_model(run_dir / "weights" / "final.pt")

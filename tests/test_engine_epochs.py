@@ -3,15 +3,26 @@ epoch end resumes to the same weights. The stream is a small in-memory one with 
 (the 2-rank tests on real shards never reach an epoch end within the test budget)."""
 
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
 import torch
 
 from ltdist.config.load import load_config
+from ltdist.engine.ds_config import plan_batches
 from ltdist.engine.trainer import Trainer
+from ltdist.methods.objectives import build_objective
 from ltdist.preemption import Preempted, install_preemption_handler, request_preemption
 
 COUNTS = [300, 120, 60, 30, 10]  # many, many, medium, medium, few
+
+
+def plan_and_objective(cfg, env) -> dict:
+    """The Trainer's ``plan`` and ``make_objective`` for ``cfg`` on the COUNTS classes, as the train stage
+    makes them (no meta set)."""
+    return {"plan": plan_batches(cfg.trainer.batch_size, env.world_size, cfg.trainer.grad_accum),
+            "make_objective": partial(build_objective, cfg, num_classes=len(COUNTS), train_counts=COUNTS,
+                                      meta_set=None, rank=env.rank, device=env.device)}
 
 
 @dataclass
@@ -55,7 +66,7 @@ def _trainer(run_dir, env, records, grad_accum, extra=()):
                              "data.channels=1", "trainer.progress=false", *extra])
     stream = MemoryStream(batch=16 // grad_accum)  # the per-rank micro-batch
     return Trainer(cfg, run_dir, env, stream, len(COUNTS), COUNTS, lambda: iter(MemoryStream(32, 8)),
-                   records.append)
+                   records.append, **plan_and_objective(cfg, env))
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])

@@ -3,7 +3,7 @@ batches and torch's flags, and change no result beyond floating-point tolerance 
 
 import pytest
 import torch
-from test_engine_epochs import COUNTS, MemoryStream
+from test_engine_epochs import COUNTS, MemoryStream, plan_and_objective
 
 from ltdist.config import ConfigError, load_config, validate_config
 from ltdist.engine import speed
@@ -16,7 +16,8 @@ def _fit(run_dir, env, *extra: str) -> tuple[Trainer, list[dict], list[torch.Ten
                              "trainer.log_every=1", "trainer.checkpoint_every=1000", "optim.warmup_epochs=0",
                              "data.channels=1", "trainer.progress=false", *extra])
     records: list[dict] = []
-    trainer = Trainer(cfg, run_dir, env, MemoryStream(), len(COUNTS), COUNTS, None, records.append)
+    trainer = Trainer(cfg, run_dir, env, MemoryStream(), len(COUNTS), COUNTS, None, records.append,
+                      **plan_and_objective(cfg, env))
     inputs: list[torch.Tensor] = []  # the backbone's input and its first convolution's output, per step
     trainer.model.backbone.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     trainer.model.backbone.conv1.register_forward_hook(lambda module, args, out: inputs.append(out))

@@ -12,17 +12,9 @@ import torch
 import torch.nn.functional as F
 from stage_fixtures import make_run_dir, stage_context
 
-from ltdist.evaluate import (
-    TableSection,
-    binned_accuracy,
-    class_groups,
-    count_bins,
-    group_accuracy,
-    per_class_accuracy,
-    plot_group_bars,
-    plot_per_class_accuracy,
-    write_report,
-)
+from ltdist.class_groups import class_groups, group_accuracy, per_class_accuracy
+from ltdist.count_bins import binned_accuracy, count_bins
+from ltdist.evaluate import TableSection, plot_group_bars, plot_per_class_accuracy, write_report
 from ltdist.evaluate.aggregate import aggregate_reports, format_mean_std_table
 from ltdist.methods.classifier_set import ClassifierSet, LinearScorer
 from ltdist.stages import evaluate as evaluate_stage

@@ -12,7 +12,8 @@ import torch
 from ltdist.config import load_config
 from ltdist.data import ensure_shards, iterate_split, read_index
 from ltdist.models import build_model, export_model, load_exported_model
-from ltdist.stages.extract import embed_split, load_features, merge_feature_shards
+from ltdist.rundir import load_features
+from ltdist.stages.extract import embed_split, merge_feature_shards
 
 FakeBatch = namedtuple("FakeBatch", "images labels keys")
 

@@ -7,9 +7,9 @@ from stage_fixtures import make_run_dir, stage_context
 
 from ltdist.methods.classifier_set import LinearScorer, load_classifier_sets
 from ltdist.methods.kt_select import ProbabilityEnsemble, k_subsets
+from ltdist.rundir import features_path
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import kt as kt_stage
-from ltdist.stages.extract import features_path
 
 
 def test_k_subsets_start_with_the_full_set():

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from stage_fixtures import FEATURE_DIM, TRAIN_COUNTS, stage_context
 from stage_fixtures import make_run_dir as _make_run_dir
 
+from ltdist.rundir import features_path
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import kt as kt_stage
-from ltdist.stages.extract import features_path
 from ltdist.stages.kt import load_kt_classifiers
 
 

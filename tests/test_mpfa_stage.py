@@ -15,10 +15,10 @@ from ltdist.methods import mpfa_retrain
 from ltdist.methods.classifier_set import LinearScorer, classifier_path, load_classifier_sets, power_normalise
 from ltdist.methods.mpfa import build_bank, empirical_centres
 from ltdist.methods.objectives.mpcl import prototypes_path
+from ltdist.rundir import features_path
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import kt as kt_stage
 from ltdist.stages import mpfa as mpfa_stage
-from ltdist.stages.extract import features_path
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="ltdist._C is not built")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from ltdist.engine.metrics import StepWindow
-from ltdist.engine.progress import Heartbeat, TrainProgress, format_duration
+from ltdist.engine.progress import TrainProgress
+from ltdist.heartbeat import Heartbeat, format_duration
 
 
 def _window(loss_sum: float, correct: float, samples: float, wait: float = 0.0) -> StepWindow:

@@ -15,8 +15,8 @@ from ltdist.data.build import build_shards
 from ltdist.models import build_model, export_model
 from ltdist.models.resnet_imagenet import IMAGENET_SPECS, ImageNetResNet
 from ltdist.models.weights import WeightsMismatchError, load_backbone_state, load_weights_file
+from ltdist.rundir import load_features
 from ltdist.stages import run_stages
-from ltdist.stages.extract import load_features
 
 
 def torchvision_layout(net: ImageNetResNet, arch: str, classes: int = 1000) -> dict[str, torch.Tensor]:

@@ -1,6 +1,8 @@
 """The configuration schema: one dataclass per section, merged by OmegaConf as a structured config.
 
-Every key a user can set lives here with its default. Presets in ``configs/`` and ``key=value``
+Every key a user can set lives here with its default, or in a dataclass of the method that owns it, which
+a section composes (the decoupling baselines' ``RetrainConfig``, ``PostHocConfig`` and ``NCMConfig`` live
+in :mod:`ltdist.methods.decoupling`). Presets in ``configs/`` and ``key=value``
 overrides are merged on top; unknown keys and wrong types are rejected by OmegaConf, value ranges
 by :mod:`ltdist.config.validate`.
 """
@@ -9,6 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from ltdist.count_bins import PER_CLASS_ROWS_MAX
+from ltdist.methods.decoupling import NCMConfig, PostHocConfig, RetrainConfig
 
 
 @dataclass
@@ -90,7 +95,7 @@ class TrainerConfig:
     stall_timeout_s: float = 600.0
     # When checkpoints exist but none verifies (corrupt, truncated), train from step 0 instead of refusing.
     allow_restart_from_scratch: bool = False
-    # Training settings (ltdist.config.fingerprint) that may differ from the checkpoint's on resume,
+    # Training settings (ltdist.engine.fingerprint) that may differ from the checkpoint's on resume,
     # e.g. [optim.lr]. trainer.epochs and trainer.max_steps may always change (extending a run).
     accept_changed_keys: list[str] = field(default_factory=list)
 
@@ -160,35 +165,6 @@ class MPFAConfig:
     weight_decay: float = 5e-4
 
 
-def _grid_0_to_2() -> list[float]:
-    return [round(0.1 * i, 1) for i in range(21)]  # 0, 0.1, …, 2: classifier-balancing's tau_norm.py grid
-
-
-@dataclass
-class RetrainConfig:
-    """A classifier trained on the frozen train features (cRT, LWS); defaults: classifier-balancing's cls_crt."""
-
-    epochs: int = 10  # passes of max_j(n_j) · C sampled features (classifier-balancing's ClassAwareSampler)
-    batch_size: int = 512
-    lr: float = 0.2  # cosine-decayed to 0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    sampling_power: float = 0.0  # q_j ∝ n_j^p over the features: 0 class balanced
-
-
-@dataclass
-class PostHocConfig:
-    """A parameter chosen on val from ``grid``; ``default`` when the dataset has no val split."""
-
-    grid: list[float] = field(default_factory=_grid_0_to_2)
-    default: float = 1.0
-
-
-@dataclass
-class NCMConfig:
-    center: bool = True  # subtract the mean train feature before normalising (classifier-balancing's "cl2n")
-
-
 @dataclass
 class MethodConfig:
     # Stage-1 training objective: ce | balanced_softmax | logit_adjusted | mpcl (ltdist.methods.objectives).
@@ -212,7 +188,7 @@ class EvaluateConfig:
     few_threshold: int = 20  # few-shot: n < few_threshold; medium otherwise
     # Most classes report.md lists one row each (and plots one point each); with more, it shows classes
     # binned by training count instead. per_class_accuracy.json / .csv always hold every class.
-    per_class_rows_max: int = 50
+    per_class_rows_max: int = PER_CLASS_ROWS_MAX
 
 
 @dataclass

@@ -11,9 +11,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ltdist.config.fingerprint import training_keys
 from ltdist.config.load import ConfigError
+from ltdist.config.schema import Config
 from ltdist.data.meta_set import META_SOURCES
+from ltdist.engine.fingerprint import WORLD_SIZE, training_settings, world_size_of
 from ltdist.engine.speed import MEMORY_FORMATS
 from ltdist.methods.objectives import OBJECTIVES
 from ltdist.methods.objectives.meta_step import META_INNER, META_INNER_ZERO_GRADIENT
@@ -28,9 +29,10 @@ KNOWN_STAGES = tuple(sorted(m.name for m in pkgutil.iter_modules(
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-def world_size_of(cfg: DictConfig) -> int:
-    """Ranks the job will have: nodes × tasks per node."""
-    return int(cfg.launch.nodes) * int(cfg.launch.tasks_per_node)
+def training_keys() -> list[str]:
+    """Every key :func:`ltdist.engine.fingerprint.training_settings` records (for validating
+    ``trainer.accept_changed_keys``)."""
+    return [key for key in training_settings(OmegaConf.structured(Config)) if key != WORLD_SIZE]
 
 
 def validate_config(cfg: DictConfig) -> None:

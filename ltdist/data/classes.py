@@ -8,13 +8,13 @@ with a message that names its config key instead of a traceback from inside the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from omegaconf import DictConfig
 
+from ltdist.class_groups import class_groups
 from ltdist.data.index import LongTailIndex
-from ltdist.evaluate.groups import class_groups
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,13 @@ def _group_problems(counts: list[int], many: int, few: int) -> list[str]:
             f"many-shot is n > many_threshold, few-shot n < few_threshold: pick thresholds between the counts"]
 
 
-def check_against_data(cfg: DictConfig, index: LongTailIndex) -> list[int]:
+def check_against_data(cfg: DictConfig, index: LongTailIndex, needs_val: Mapping[str, str] | None = None) -> list[int]:
     """Check the config values that only the data can check; return the excluded class ids.
 
-    Raises :class:`DataConfigError` listing every problem (each names its key). Logs one warning when the
-    shards have no val split: training then runs without per-epoch validation.
+    ``needs_val``: the run's settings that need a val split, ``{"key=value": the alternative to suggest}``
+    (the stages say which: :func:`ltdist.stages.kt.val_split_needs`). Raises :class:`DataConfigError` listing
+    every problem (each names its key). Logs one warning when the shards have no val split: training then
+    runs without per-epoch validation.
     """
     counts = [int(n) for n in index.train_counts]
     problems: list[str] = []
@@ -84,9 +86,9 @@ def check_against_data(cfg: DictConfig, index: LongTailIndex) -> list[int]:
         problems.append(f"data.exclude_from_training={cfg.data.exclude_from_training!r}: withholds every class")
     problems += _group_problems(counts, cfg.evaluate.many_threshold, cfg.evaluate.few_threshold)
     if not has_val(index):
-        if "kt" in cfg.stages and cfg.method.kt.prototypes_from == "val":
-            problems.append(f"method.kt.prototypes_from=val: the shards in {cfg.data.shards} have no val split "
-                            "(rebuild them with data.val_per_class > 0, or use prototypes_from=train)")
+        for setting, alternative in (needs_val or {}).items():
+            problems.append(f"{setting}: the shards in {cfg.data.shards} have no val split (rebuild them with "
+                            f"data.val_per_class > 0, or use {alternative})")
         log.warning("the shards in %s have no val split: training runs without per-epoch validation (rebuild "
                     "them with data.val_per_class > 0 to carve one from train)", cfg.data.shards)
     if problems:

@@ -47,6 +47,11 @@ class MetaSet:
         counts = Counter(self.labels)
         return [counts.get(c, 0) for c in range(self.num_classes)]
 
+    def held_out_of_training(self) -> dict[str, int]:
+        """Training samples (key → label) the training stream must skip: the set's images when it was carved
+        from train, none when it comes from val."""
+        return dict(zip(self.keys, self.labels)) if self.source == "train" else {}
+
     def batch(self, size: int, *, seed: int, step: int, rank: int, image_size: int,
               channels: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A meta batch (images float [size, C, H, W] normalised, labels int64 [size]) drawn uniformly with

@@ -13,15 +13,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ltdist.config.schema import EvaluateConfig
+from ltdist.count_bins import PER_CLASS_ROWS_MAX, count_bins, format_range
 from ltdist.data.evaluation import scan_split
 from ltdist.data.index import read_index
 from ltdist.data.sampling import class_probabilities
 from ltdist.data.stream import build_train_stream
-from ltdist.evaluate.bins import count_bins, format_range
-
-# More classes than this: the table bins them by training count (--per-class: all), as the evaluate report does.
-PER_CLASS_ROWS_MAX = EvaluateConfig.per_class_rows_max
 
 
 def train_stats(index_path: Path, *, sampling_power: float, epochs: int, ranks: int, workers: int,

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ltdist.data.index import ShardInfo, file_sha256, keys_digest, write_index
-from ltdist.engine.progress import Heartbeat
+from ltdist.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 

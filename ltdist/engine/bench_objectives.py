@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from ltdist.data.meta_set import MetaSet
-from ltdist.methods.objectives.base import TrainingObjective
+from ltdist.engine.objective import TrainingObjective
 from ltdist.methods.objectives.logit_adjusted import cross_entropy
 from ltdist.methods.objectives.mpcl import MPCLObjective
 from ltdist.models import build_model

@@ -4,7 +4,7 @@ and it is trusted only while every byte is what was written.
 Layout: ``<run_dir>/checkpoints/step_<N>/`` holds DeepSpeed's files (model, optimizer; ZeRO shards per
 rank), one ``ltdist_rank<r>.pt`` per rank (data stream state, RNG states) and, written last by rank 0
 after every rank reported, ``commit.json`` (temp file, fsync, rename) listing every file with its size
-and SHA-256, plus the training settings the checkpoint was made with (:mod:`ltdist.config.fingerprint`).
+and SHA-256, plus the training settings the checkpoint was made with (:mod:`ltdist.engine.fingerprint`).
 DeepSpeed's ``latest`` file is never written nor read.
 
 Integrity: each rank hashes the files it wrote right after writing them (read back from the page cache;

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ltdist.evaluate.groups import group_accuracy
+from ltdist.class_groups import group_accuracy
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 tqdm draws a bar only on a terminal; a job's stdout is a log file. So the trainer also logs a short line
 every ``trainer.log_every`` optimizer steps and a full line at each epoch end: loss and accuracy of the
 epoch, validation accuracy by group, throughput, the fraction of time spent waiting for data, elapsed
-time and an ETA. :class:`Heartbeat` does the same for the other long loops (extract, the shard writer).
+time and an ETA. :class:`ltdist.heartbeat.Heartbeat` does the same for the other long loops (extract, the
+shard writer).
 """
 
 from __future__ import annotations
@@ -12,18 +13,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the shard writer uses Heartbeat and should not import torch for it
+from ltdist.heartbeat import format_duration
+
+if TYPE_CHECKING:  # annotations only
     from ltdist.engine.metrics import StepWindow
 
 log = logging.getLogger("ltdist.progress")
-
-
-def format_duration(seconds: float) -> str:
-    """``3725`` → ``"1h02m05s"``; ``65`` → ``"1m05s"``; ``9.4`` → ``"9s"``."""
-    s = max(0, round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _percent(value: float | None) -> str:
@@ -87,23 +82,3 @@ class TrainProgress:
                      summary["loss"], _percent(summary["accuracy"]), groups, summary["images_per_s"],
                      100 * summary["data_wait_fraction"], skips, f" ({reasons})" if reasons else "", self._timing(step))
         return summary
-
-
-class Heartbeat:
-    """Logs ``what``'s progress at most every ``every_s`` seconds: ``tick(done)`` in a loop of ``total``."""
-
-    def __init__(self, what: str, total: int | None = None, every_s: float = 30.0, enabled: bool = True):
-        self.what, self.total, self.every_s, self.enabled = what, total, every_s, enabled
-        self.started = self._last = time.perf_counter()
-
-    def tick(self, done: int, unit: str = "") -> None:
-        now = time.perf_counter()
-        if not self.enabled or now - self._last < self.every_s:
-            return
-        self._last = now
-        elapsed = now - self.started
-        of = f"/{self.total}" if self.total else ""
-        eta = (f" ETA {format_duration(elapsed / done * (self.total - done))}"
-               if self.total and done else "")
-        log.info("%s: %d%s%s, elapsed %s%s", self.what, done, of, f" {unit}" if unit else "",
-                 format_duration(elapsed), eta)

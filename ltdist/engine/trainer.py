@@ -20,23 +20,23 @@ from deepspeed.utils import safe_get_full_fp32_param
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ltdist.config.fingerprint import changed_settings, training_settings
-from ltdist.config.fingerprint import refusal as settings_refusal
-from ltdist.data.meta_set import MetaSet
+from ltdist.class_groups import class_groups
 from ltdist.distributed import DistEnv, barrier
 from ltdist.engine import checkpoint as ckpt
 from ltdist.engine import requeue_log, speed
-from ltdist.engine.ds_config import build_deepspeed_config, effective_lr, plan_batches, skip_single_rank_allreduce
+from ltdist.engine.ds_config import BatchPlan, build_deepspeed_config, effective_lr, skip_single_rank_allreduce
 from ltdist.engine.ds_ops import isolate_torch_extensions
+from ltdist.engine.fingerprint import changed_settings, training_settings
+from ltdist.engine.fingerprint import refusal as settings_refusal
 from ltdist.engine.metrics import MetricsSink, StepWindow, validate
 from ltdist.engine.numerics import NonFiniteGuard, nonfinite_parameters
+from ltdist.engine.objective import TrainingObjective
 from ltdist.engine.progress import TrainProgress
 from ltdist.engine.schedule import lr_at
-from ltdist.evaluate.groups import class_groups
-from ltdist.methods.objectives import build_objective
 from ltdist.models import LongTailModel, export_model
 from ltdist.models.weights import build_configured_model, write_weights_record
 from ltdist.preemption import preemption_agreed, requeue_and_exit
+from ltdist.rundir import model_path
 from ltdist.watchdog import StallWatchdog
 
 log = logging.getLogger(__name__)
@@ -62,21 +62,24 @@ class Trainer:
 
     ``stream``: per-rank micro-batches (``set_epoch``, ``batches_per_epoch``, iteration, state dicts).
     ``val_batches``: returns a fresh iterator over the validation split (this rank's share), or None.
+    ``plan``: the batch plan the stream's micro-batches were cut by (:func:`ltdist.engine.ds_config.plan_batches`).
+    ``make_objective(feature_dim=, dtype=)``: builds the training objective once the model exists; the loss
+    and any state of the method live there (``method.loss``: the train stage binds
+    :func:`ltdist.methods.objectives.build_objective` to the run's data).
     ``on_batch(step, batch)`` / ``loss_hook(step, loss) -> loss``: observation and fault injection (tests).
-    ``meta_set``: MPCL's balanced meta set, when ``method.loss=mpcl`` uses a meta-network. The loss and any
-    state of the method live in the training objective (``method.loss``, :mod:`ltdist.methods.objectives`).
     """
 
     def __init__(self, cfg: DictConfig, run_dir: Path, env: DistEnv, stream, num_classes: int,
                  train_counts: list[int], val_batches: Callable[[], Iterable] | None,
-                 append_metrics: Callable[[dict], None], on_batch: Callable | None = None,
-                 loss_hook: Callable | None = None, keep_checkpoints: int = 2, meta_set: MetaSet | None = None):
+                 append_metrics: Callable[[dict], None], *, plan: BatchPlan,
+                 make_objective: Callable[..., TrainingObjective], on_batch: Callable | None = None,
+                 loss_hook: Callable | None = None, keep_checkpoints: int = 2):
         self.cfg, self.run_dir, self.env, self.stream = cfg, Path(run_dir), env, stream
         self.val_batches, self.on_batch, self.loss_hook = val_batches, on_batch, loss_hook
         self.keep_checkpoints = keep_checkpoints
         self.ckpt_root = self.run_dir / "checkpoints"
         t, o = cfg.trainer, cfg.optim
-        self.plan = plan_batches(t.batch_size, env.world_size, t.grad_accum)
+        self.plan = plan
         self.num_classes = num_classes
         self.groups = class_groups(train_counts, cfg.evaluate.many_threshold, cfg.evaluate.few_threshold)
         self.dtype = DTYPES[t.precision]
@@ -103,9 +106,7 @@ class Trainer:
             for buffer in self.engine.module.buffers():
                 if buffer.is_floating_point():
                     buffer.data = buffer.data.to(self.dtype)
-        self.objective = build_objective(cfg, num_classes=num_classes, feature_dim=model.feature_dim,
-                                         train_counts=train_counts, meta_set=meta_set, rank=env.rank,
-                                         device=env.device, dtype=self.dtype)
+        self.objective = make_objective(feature_dim=model.feature_dim, dtype=self.dtype)
         self.steps_per_epoch = stream.batches_per_epoch // self.plan.grad_accum
         if self.steps_per_epoch < 1:
             raise ValueError(f"the data stream has {stream.batches_per_epoch} micro-batches per epoch, fewer than "
@@ -337,7 +338,7 @@ class Trainer:
             self.save()
         master = self._fp32_master_weights()
         if self.env.is_main:
-            export_model(self.model, self.run_dir / "weights" / "final.pt", master)
+            export_model(self.model, model_path(self.run_dir), master)
             self.objective.export(self.run_dir)
         barrier()
         self.sink.close()

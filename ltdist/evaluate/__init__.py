@@ -1,7 +1,9 @@
-"""Long-tail evaluation: class groups by training count, top-1 per group / class, report files, plots."""
+"""Long-tail evaluation: report files, plots, prototype health and comparisons across runs.
 
-from ltdist.evaluate.bins import CountBin, binned_accuracy, count_bins
-from ltdist.evaluate.groups import GROUPS, class_groups, group_accuracy, per_class_accuracy
+Class groups (many / medium / few) and top-1 per class / group are :mod:`ltdist.class_groups`, count bins
+:mod:`ltdist.count_bins`: leaf modules, because data checks the groups and training validates by them.
+"""
+
 from ltdist.evaluate.plots import (
     plot_accuracy_histogram,
     plot_binned_accuracy,
@@ -10,6 +12,5 @@ from ltdist.evaluate.plots import (
 )
 from ltdist.evaluate.report import TableSection, format_table, write_report
 
-__all__ = ["GROUPS", "CountBin", "TableSection", "binned_accuracy", "class_groups", "count_bins", "format_table",
-           "group_accuracy", "per_class_accuracy", "plot_accuracy_histogram", "plot_binned_accuracy",
-           "plot_group_bars", "plot_per_class_accuracy", "write_report"]
+__all__ = ["TableSection", "format_table", "plot_accuracy_histogram", "plot_binned_accuracy", "plot_group_bars",
+           "plot_per_class_accuracy", "write_report"]

@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ltdist.evaluate.bins import binned_accuracy, count_bins
-from ltdist.evaluate.groups import GROUPS
+from ltdist.class_groups import GROUPS
+from ltdist.count_bins import binned_accuracy, count_bins
 
 _BAND_COLOURS = {"few": "#f4cccc", "medium": "#fff2cc", "many": "#d9ead3"}
 
@@ -66,7 +66,7 @@ def plot_binned_accuracy(path: Path, train_counts: Sequence[int], per_class: dic
                          many_threshold: int, few_threshold: int) -> Path:
     """Mean per-class top-1 (%) of each training-count bin with a ± 1 std band, against count (log axis).
 
-    Bins as :func:`ltdist.evaluate.bins.count_bins`, each drawn at the geometric centre of its count range;
+    Bins as :func:`ltdist.count_bins.count_bins`, each drawn at the geometric centre of its count range;
     untested classes are left out of the mean. Group bands as :func:`plot_per_class_accuracy`. The bands of
     more than about 4 classifiers cover each other: the caller picks them.
     """

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ltdist.evaluate.groups import GROUPS, per_class_accuracy
+from ltdist.class_groups import GROUPS, per_class_accuracy
 
 CHUNK = 4096  # test rows scored against all centres at once: bounds the [CHUNK, C] similarities
 FIELDS = ("cos_prototype_mean", "cos_meta_mean", "meta_shift", "updates", "nearest_prototype_top1",

@@ -3,7 +3,7 @@
 Accuracies are fractions in [0, 1] in the JSON and CSV files and percentages in the Markdown tables, which
 follow the layout of paper 1 Tables 1 and 2 (Method | Classifier type | Many | Medium | Few | Total).
 Past ``per_class_rows_max`` classes (iNaturalist-2018 has 8142) a row per class is unreadable: report.md
-then shows classes binned by training count (:mod:`ltdist.evaluate.bins`) and report.json gains their
+then shows classes binned by training count (:mod:`ltdist.count_bins`) and report.json gains their
 figures under "count_bins"; the per-class files keep every class.
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ltdist.evaluate.bins import CountBin, binned_accuracy, count_bins, format_range
-from ltdist.evaluate.groups import GROUPS
+from ltdist.class_groups import GROUPS
+from ltdist.count_bins import CountBin, binned_accuracy, count_bins, format_range
 from ltdist.evaluate.prototype_health import health_markdown
 
 COLUMNS = (*GROUPS, "all")

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from ltdist.distributed import barrier
 from ltdist.fileio import torch_save_atomic
+from ltdist.labels import check_label_range
+from ltdist.rundir import features_path, load_features, model_path
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +218,6 @@ class FrozenInputs:
 def load_frozen_inputs(run_dir: Path, method: str) -> FrozenInputs:
     """Load the extracted features and the stage-1 head; errors name the stage that is missing."""
     from ltdist.models import load_exported_model
-    from ltdist.stages.extract import features_path, load_features, model_path
 
     weights = model_path(run_dir)
     if not weights.is_file():
@@ -232,8 +233,7 @@ def load_frozen_inputs(run_dir: Path, method: str) -> FrozenInputs:
         if data is None:
             continue
         labels = data["labels"]
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"{method}: {split} labels outside [0, {num_classes}) of the trained head")
+        check_label_range(labels, num_classes, f"{method}: {split} labels (classes of the trained head)")
         if not bool(torch.isfinite(data["features"]).all()):
             bad = (~torch.isfinite(data["features"])).any(dim=1).nonzero().flatten()[:5].tolist()
             raise ValueError(f"{method}: non-finite {split} features (rows {bad}...): re-run the extract stage "

@@ -19,15 +19,43 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ltdist.config.schema import NCMConfig, PostHocConfig, RetrainConfig
 from ltdist.data.sampling import class_probabilities
 from ltdist.methods.classifier_set import ClassifierSet, FrozenInputs, LinearScorer, head_scorer, select_on_val
+
+
+def _grid_0_to_2() -> list[float]:
+    return [round(0.1 * i, 1) for i in range(21)]  # 0, 0.1, …, 2: classifier-balancing's tau_norm.py grid
+
+
+@dataclass
+class RetrainConfig:
+    """A classifier trained on the frozen train features (cRT, LWS); defaults: classifier-balancing's cls_crt."""
+
+    epochs: int = 10  # passes of max_j(n_j) · C sampled features (classifier-balancing's ClassAwareSampler)
+    batch_size: int = 512
+    lr: float = 0.2  # cosine-decayed to 0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    sampling_power: float = 0.0  # q_j ∝ n_j^p over the features: 0 class balanced
+
+
+@dataclass
+class PostHocConfig:
+    """A parameter chosen on val from ``grid``; ``default`` when the dataset has no val split."""
+
+    grid: list[float] = field(default_factory=_grid_0_to_2)
+    default: float = 1.0
+
+
+@dataclass
+class NCMConfig:
+    center: bool = True  # subtract the mean train feature before normalising (classifier-balancing's "cl2n")
 
 
 def balanced_batches(labels: torch.Tensor, power: float, batch_size: int, steps: int,

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ltdist.kernels.cosine_logits import cosine_logits
 from ltdist.kernels.kt_attention import kt_attention
+from ltdist.labels import check_label_range
 
 
 def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -38,9 +39,7 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     if features.dim() != 2 or labels.shape != (features.shape[0],):
         raise ValueError(f"class_prototypes: need features [N, F] and labels [N], got "
                          f"{tuple(features.shape)} and {tuple(labels.shape)}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"class_prototypes: labels must lie in [0, {num_classes}), got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    check_label_range(labels, num_classes, "class_prototypes: labels")
     sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64)
     sums.index_add_(0, labels.long(), F.normalize(features.double(), dim=1))
     # The mean's 1/n_i does not change the direction; normalising the sum gives p_i/‖p_i‖ directly.

@@ -23,13 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ltdist.class_groups import class_groups, group_accuracy, per_class_accuracy
 from ltdist.distributed import barrier
 from ltdist.evaluate import (
     TableSection,
-    class_groups,
     format_table,
-    group_accuracy,
-    per_class_accuracy,
     plot_accuracy_histogram,
     plot_binned_accuracy,
     plot_group_bars,
@@ -41,8 +39,8 @@ from ltdist.methods.classifier_set import KT_FILE, ClassifierSet, head_scorer, l
 from ltdist.methods.kt import KTClassifiers, cosine_probabilities
 from ltdist.methods.objectives.mpcl import load_prototypes
 from ltdist.models.weights import read_weights_record
+from ltdist.rundir import features_path, load_features
 from ltdist.stages import StageContext
-from ltdist.stages.extract import features_path, load_features
 from ltdist.stages.kt import classifiers_path, load_kt_classifiers
 
 # Probabilities held per classifier and chunk (elements, 32 MiB in float32): a chunk has 2^23 / C test samples, so
@@ -51,7 +49,7 @@ CHUNK_ELEMENTS = 2**23
 
 
 def classifier_names(kt: KTClassifiers) -> tuple[list[str], list[str]]:
-    """(Table 1 rows, Table 2 rows): names of the classifiers :func:`predict` scores.
+    """(Table 1 rows, Table 2 rows): names of the KT-file classifiers :func:`predict_all` scores.
 
     "cosine" (or "dot product" for a linear head), "prototypes", "prototypes + classifier", "w_h(k)",
     "ensemble" (eq. 8 over every w_h(k)), "w_hc(k)" and "continual ensemble" (prototypes and w_hc(k)
@@ -151,16 +149,10 @@ def predict_all(kt: KTClassifiers | None, sets: dict[str, ClassifierSet], featur
     return by_name
 
 
-def predict(kt: KTClassifiers, features: torch.Tensor,
-            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Top-1 class ids [N] (CPU) of every KT-file classifier on ``features`` [N, F]."""
-    return predict_all(kt, {}, features, device)
-
-
 def head_classifier_set(run_dir: Path) -> ClassifierSet:
     """The stage-1 head alone, for runs without a KT file: one row "cosine" or "dot product"."""
     from ltdist.models import load_exported_model
-    from ltdist.stages.extract import model_path
+    from ltdist.rundir import model_path
 
     scorer = head_scorer(load_exported_model(model_path(run_dir)).classifier)
     return ClassifierSet("head", {"cosine" if scorer.kind == "cosine" else "dot product": scorer})

@@ -18,37 +18,19 @@ are saved, so every features file is newer than it.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
 from ltdist.distributed import barrier
-from ltdist.engine.progress import Heartbeat
 from ltdist.fileio import torch_save_atomic
+from ltdist.heartbeat import Heartbeat
+from ltdist.rundir import features_path, model_path
 from ltdist.stages import StageContext
 from ltdist.watchdog import watchdog
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-def features_path(run_dir: Path, split: str) -> Path:
-    return run_dir / "features" / f"{split}.pt"
-
-
-def model_path(run_dir: Path) -> Path:
-    """The train stage's export (``ltdist.models.export_model``)."""
-    return run_dir / "weights" / "final.pt"
-
-
-def load_features(run_dir: Path, split: str) -> dict:
-    """``{"features": [N, F] float32, "labels": [N] int64, "keys": list[str]}`` of one split."""
-    path = features_path(run_dir, split)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run the extract stage first (stages=[extract,...]); extract "
-                                f"skips a split the shards do not have (see index.json)")
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def merge_feature_shards(shards: list[dict]) -> dict:

@@ -17,17 +17,27 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from ltdist.data.classes import excluded_classes
 from ltdist.distributed import barrier
 from ltdist.fileio import torch_save_atomic
+from ltdist.labels import check_label_range
 from ltdist.methods.classifier_set import save_classifier_set
 from ltdist.methods.kt import KTClassifiers, build_kt_classifiers, class_prototypes
 from ltdist.methods.kt_select import select_kt_on_val
+from ltdist.rundir import features_path, load_features, model_path
 from ltdist.stages import StageContext
-from ltdist.stages.extract import features_path, load_features, model_path
 
 log = logging.getLogger(__name__)
+
+
+def val_split_needs(cfg: DictConfig) -> dict[str, str]:
+    """The kt stage's settings that need a val split in the shards, each with the alternative to suggest
+    (for :func:`ltdist.data.classes.check_against_data`)."""
+    if "kt" in cfg.stages and cfg.method.kt.prototypes_from == "val":
+        return {"method.kt.prototypes_from=val": "prototypes_from=train"}
+    return {}
 
 
 def classifiers_path(run_dir: Path) -> Path:
@@ -49,14 +59,12 @@ def make_kt_classifiers(head: torch.nn.Module, train: dict, prototype_source: di
     Args:
         head: the model's classifier (``CosineClassifier``: weight, scale; ``LinearClassifier``: weight,
             bias — KT then uses its normalised rows and ``linear_scale`` as s).
-        train, prototype_source: feature dicts (see :func:`ltdist.stages.extract.load_features`).
+        train, prototype_source: feature dicts (see :func:`ltdist.rundir.load_features`).
         device: where the attention runs (CUDA: the Triton kernel); the result is on the CPU.
     """
     weights = head.weight.detach().float().cpu()
     num_classes = weights.shape[0]
-    if train["labels"].numel() and int(train["labels"].max()) >= num_classes:
-        raise ValueError(f"kt: train labels reach {int(train['labels'].max())} but the classifier has "
-                         f"{num_classes} classes")
+    check_label_range(train["labels"], num_classes, "kt: train labels (classes of the trained head)")
     train_counts = torch.bincount(train["labels"], minlength=num_classes)
     excluded = excluded_classes(exclude, train_counts.tolist(), few_threshold)
     backbone_counts = train_counts.clone()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ltdist.evaluate import GROUPS, class_groups
+from ltdist.class_groups import GROUPS, class_groups
 from ltdist.methods.classifier_set import ClassifierSet, FrozenInputs, LinearScorer, run_on_all_ranks, select_on_val
 from ltdist.methods.mpfa import build_bank, empirical_centres, meta_centres, plan_augmentation
 from ltdist.methods.mpfa_retrain import RetrainSettings, retrain

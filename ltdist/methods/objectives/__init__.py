@@ -1,4 +1,4 @@
-"""Stage-1 training objectives, chosen by ``method.loss`` (see :mod:`ltdist.methods.objectives.base`).
+"""Stage-1 training objectives, chosen by ``method.loss`` (the contract: :mod:`ltdist.engine.objective`).
 
 | ``method.loss`` | what the backbone is trained with |
 |---|---|
@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from ltdist.data.meta_set import MetaSet, carve_meta_set
-from ltdist.methods.objectives.base import TrainingObjective
+from ltdist.engine.objective import TrainingObjective
 from ltdist.methods.objectives.logit_adjusted import balanced_softmax, cross_entropy, logit_adjusted
 from ltdist.methods.objectives.mpcl import MPCLObjective
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ltdist.methods.objectives.base import TrainingObjective
+from ltdist.engine.objective import TrainingObjective
 
 
 def log_prior(train_counts: Sequence[int]) -> torch.Tensor:

@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltdist.data.meta_set import MetaSet
+from ltdist.engine.objective import TrainingObjective
 from ltdist.fileio import torch_save_atomic
 from ltdist.kernels.prototype_ema import prototype_ema
-from ltdist.methods.objectives.base import TrainingObjective
 from ltdist.methods.objectives.meta_step import at_least_fp32, meta_gradient
 from ltdist.models import LongTailModel
 
@@ -250,8 +250,3 @@ class MPCLObjective(TrainingObjective):
         torch_save_atomic({"prototypes": self.unit_prototypes().float().cpu(), "meta_prototypes": meta,
                            "updates": self.updates.cpu(), "space": "l2-normalised backbone features"},
                           prototypes_path(run_dir))
-
-    def excluded_train_keys(self) -> dict[str, int]:
-        if self.meta_set is None or self.meta_set.source != "train":
-            return {}
-        return dict(zip(self.meta_set.keys, self.meta_set.labels))

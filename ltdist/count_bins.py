@@ -15,6 +15,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+# Most classes a table lists one row each (report.md, ``ltdist stats``); with more, it bins them by training
+# count. The default of ``evaluate.per_class_rows_max``.
+PER_CLASS_ROWS_MAX = 50
+
 
 class CountBin(NamedTuple):
     """Classes whose training count n satisfies lo ≤ n ≤ hi (inclusive; counts are samples)."""

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ltdist.labels import check_label_range
+
 GROUPS = ("many", "medium", "few")
 
 
@@ -50,9 +52,7 @@ def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_clas
     if predictions.shape != labels.shape or labels.dim() != 1:
         raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} must be "
                          f"equal-length 1-D tensors")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    check_label_range(labels, num_classes)
     labels = labels.long()
     total = torch.bincount(labels, minlength=num_classes).double()
     correct = torch.bincount(labels[predictions.long() == labels], minlength=num_classes).double()

@@ -24,11 +24,14 @@ _KEYS = ("method.loss", "method.logit_adjusted", "method.mpcl", "trainer.batch_s
 WORLD_SIZE = "world_size"  # ranks (launch.nodes × launch.tasks_per_node): the stream and ZeRO shards depend on it
 
 
+def world_size_of(cfg: DictConfig) -> int:
+    """Ranks the job will have: nodes × tasks per node."""
+    return int(cfg.launch.nodes) * int(cfg.launch.tasks_per_node)
+
+
 def training_settings(cfg: DictConfig, world_size: int | None = None) -> dict[str, Any]:
     """Flat ``{dotted key: value}`` of the training-relevant keys of ``cfg`` (JSON values), plus the number
     of ranks under ``world_size``: the job's actual one when given, else the launch section's."""
-    from ltdist.config.validate import world_size_of
-
     settings: dict[str, Any] = {WORLD_SIZE: world_size if world_size is not None else world_size_of(cfg)}
     for section in _SECTIONS:
         for key, value in OmegaConf.to_container(cfg[section], resolve=True).items():
@@ -38,13 +41,6 @@ def training_settings(cfg: DictConfig, world_size: int | None = None) -> dict[st
         value = OmegaConf.select(cfg, key)
         settings[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
     return json.loads(json.dumps(settings))  # what commit.json will hold: tuples as lists, keys as strings
-
-
-def training_keys() -> list[str]:
-    """Every key :func:`training_settings` records (for validating ``trainer.accept_changed_keys``)."""
-    from ltdist.config.schema import Config
-
-    return [key for key in training_settings(OmegaConf.structured(Config)) if key != WORLD_SIZE]
 
 
 def changed_settings(recorded: dict[str, Any], current: dict[str, Any], accepted: list[str]) -> list[str]:

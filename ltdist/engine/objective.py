@@ -1,7 +1,9 @@
 """The stage-1 training objective: the one place where a method changes how the backbone is trained.
 
 The :class:`ltdist.engine.trainer.Trainer` owns the DeepSpeed engine, the data stream, checkpoints and
-preemption; an objective owns the loss and any state of its own. Per micro-batch the trainer calls
+preemption; an objective owns the loss and any state of its own. This module is the contract the trainer
+calls; the objectives themselves are methods (:mod:`ltdist.methods.objectives`, chosen by ``method.loss``)
+and the train stage hands the trainer a builder of one. Per micro-batch the trainer calls
 
 1. :meth:`TrainingObjective.before_micro_step` (e.g. the MPCL meta step, before the real forward);
 2. :meth:`TrainingObjective.loss` on the batch's features, logits and labels (one engine forward);
@@ -59,7 +61,3 @@ class TrainingObjective:
 
     def export(self, run_dir: Path) -> None:
         """Rank 0, after training: write what later stages need (default nothing)."""
-
-    def excluded_train_keys(self) -> dict[str, int]:
-        """Training samples (key → label) this objective holds out of the training stream (MPCL's meta set)."""
-        return {}
