@@ -55,7 +55,7 @@ def build_executor(cluster: str, cfg: DictConfig, log_dir: Path):
     import submitit
 
     launch = cfg.launch
-    executor = submitit.AutoExecutor(folder=log_dir, cluster=cluster, slurm_max_num_timeout=launch.max_requeues)
+    executor = submitit.AutoExecutor(folder=log_dir, cluster=cluster, slurm_max_num_timeout=launch.max_timeouts)
     common = dict(name=launch.job_name, timeout_min=launch.time_min, tasks_per_node=launch.tasks_per_node,
                   stderr_to_stdout=True)
     if launch.gpus_per_node:

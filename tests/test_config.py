@@ -124,6 +124,16 @@ def test_missing_and_cyclic_presets_are_clear(tmp_path):
         load_config(tmp_path / "a.yaml")
 
 
+def test_renamed_keys_name_their_new_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"launch.max_requeues was renamed launch.max_timeouts \(submitit counts "
+                                          r"time-outs only.*write launch.max_timeouts"):
+        load_config(None, ["launch.max_requeues=2"])
+    (tmp_path / "old.yaml").write_text("method:\n  mpfa:\n    group_draws: 8\n")
+    with pytest.raises(ConfigError, match=r"method.mpfa.group_draws was renamed method.mpfa.draw_window .*old.yaml"):
+        load_config(tmp_path / "old.yaml")
+    assert load_config(None, ["launch.max_timeouts=2"]).launch.max_timeouts == 2
+
+
 def test_closest_key_suggestions():
     assert closest_key("optim.weight_dcay") == "optim.weight_decay"
     assert closest_key("launch.tasks_per_nodes") == "launch.tasks_per_node"

@@ -95,10 +95,10 @@ def test_prototypes_from_val_and_missing_inputs(run_dir, tmp_path_factory):
 
 def test_dot_product_baseline_when_the_head_is_linear(tmp_path):
     run_dir = _make_run_dir(tmp_path, classifier="linear")
-    ctx = _context(run_dir, "model.classifier=linear")
+    ctx = _context(run_dir, "model.classifier=linear", "method.kt.linear_scale=8.0")
     kt_stage.run(ctx)
     kt = load_kt_classifiers(run_dir)
-    assert kt.classifier_type == "linear" and kt.scale == 16.0  # model.scale_init for the KT softmax
+    assert kt.classifier_type == "linear" and kt.scale == 8.0  # method.kt.linear_scale for the KT softmax
     evaluate_stage.run(ctx)
     report = json.loads((run_dir / "report.json").read_text())
     assert "cosine" not in report["classifiers"]

@@ -46,8 +46,20 @@ def closest_key(key: str) -> str | None:
     return match[0] if match else None
 
 
+# Keys that were renamed: old key → (new key, why), so an old preset or command line is told what to write.
+RENAMED = {
+    "launch.max_requeues": ("launch.max_timeouts", "submitit counts time-outs only; preemptions are requeued "
+                            "without limit"),
+    "method.mpfa.group_draws": ("method.mpfa.draw_window", "the sampler draws a class's features in one matrix "
+                                "product; draw_window bounds the features generated per call"),
+}
+
+
 def _explain(exc: OmegaConfBaseException, origin: str) -> str:
     key = getattr(exc, "full_key", None) or "?"
+    if isinstance(exc, ConfigKeyError) and key in RENAMED:
+        new, why = RENAMED[key]
+        return f"{key} was renamed {new} ({why}): in {origin}, write {new}"
     if isinstance(exc, ConfigKeyError):
         hint = closest_key(key)
         suggestion = f" (did you mean '{hint}'?)" if hint else ""

@@ -33,7 +33,8 @@ class DataConfig:
     num_workers: int = 2  # data-loader workers per rank
     shuffle_buffer: int = 2000  # samples
     max_skip_fraction: float = 0.01  # corrupt/invalid samples tolerated before the run stops
-    # Classes withheld from backbone training (continual setting): null, "few", or a list of class ids.
+    # Classes withheld from backbone training (continual setting): null, "few" (the classes with fewer than
+    # evaluate.few_threshold training images), or a list of class ids.
     exclude_from_training: Any = None
 
 
@@ -42,7 +43,7 @@ class ModelConfig:
     # resnet20|32|44|56|110 (CIFAR-style, small images), resnet50|101|152, resnext50_32x4d
     arch: str = "resnet32"
     classifier: str = "cosine"  # cosine | linear
-    scale_init: float = 16.0  # cosine classifier scale s at initialisation
+    scale_init: float = 16.0  # the cosine head's scale s at initialisation (KT, linear head: method.kt.linear_scale)
     learn_scale: bool = True
     # A state dict file loaded into the backbone before training (torchvision's .pth files for the ResNets,
     # an ltdist run's weights/final.pt, a timm/torchvision backbone's own file); the head stays new. Without
@@ -108,6 +109,9 @@ class KTConfig:
     # Also choose τ (from tau_grid) and the ensemble's k (a non-empty subset of ks) on val: classifiers/kt_val.pt.
     select_on_val: bool = False
     tau_grid: list[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 20.0, 50.0])
+    # Softmax scale s of KT's cosine classifiers on a backbone with a linear head (a cosine head gives its
+    # own learned s).
+    linear_scale: float = 16.0
 
 
 @dataclass
@@ -213,7 +217,9 @@ class LaunchConfig:
     job_name: str = "ltdist"
     # Extra sbatch options, e.g. {exclusive: true, mail-type: END}.
     additional_parameters: dict[str, Any] = field(default_factory=dict)
-    max_requeues: int = 3  # preemptions/time-outs before submitit gives up
+    # Time-outs after which submitit stops requeueing (its slurm_max_num_timeout); preemptions are requeued
+    # without limit (submitit does not count them).
+    max_timeouts: int = 3
 
 
 @dataclass
@@ -225,7 +231,8 @@ class OutputConfig:
 @dataclass
 class Config:
     experiment: str = "default"
-    # Stages run in order by every job: doctor, train, extract, kt (or crt, tau_norm, lws, ncm, logit_adjust), evaluate.
+    # Stages run in order by every job: doctor, train, extract, then stage-2 stages (kt, mpfa, crt, tau_norm, lws,
+    # ncm, logit_adjust), evaluate.
     stages: list[str] = field(default_factory=lambda: ["train", "extract", "kt", "evaluate"])
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -135,6 +135,7 @@ def validate_config(cfg: DictConfig) -> None:
     if not ks or any(k < 0 for k in ks) or ks != sorted(set(ks)):
         problems.append(f"method.kt.ks: thresholds must be non-negative, strictly increasing, non-empty, got {ks}")
     check("method.kt.tau", positive, "temperature τ must be > 0")
+    check("method.kt.linear_scale", positive, "softmax scale must be > 0")
     one_of("method.kt.prototypes_from", ("train", "val"))
     check("method.kt.tau_grid", lambda v: len(v) > 0 and all(t > 0 for t in v), "temperatures must be > 0, non-empty")
     check("method.kt.ks", lambda v: not cfg.method.kt.select_on_val or len(v) <= 6,
@@ -213,7 +214,7 @@ def validate_config(cfg: DictConfig) -> None:
     check("launch.cpus_per_task", at_least_one, "must be ≥ 1")
     check("launch.mem_gb", positive, "must be > 0")
     check("launch.time_min", at_least_one, "must be ≥ 1 minute")
-    check("launch.max_requeues", non_negative, "must be ≥ 0")
+    check("launch.max_timeouts", non_negative, "must be ≥ 0")
     check("launch.job_name", lambda v: bool(v) and bool(_SAFE_NAME.match(v)), "must be a name of [A-Za-z0-9._-]")
     gpus, tasks = cfg.launch.gpus_per_node, cfg.launch.tasks_per_node
     if gpus > 0 and tasks != gpus:

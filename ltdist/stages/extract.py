@@ -120,7 +120,9 @@ def run(ctx: StageContext) -> None:
         if weights.is_file() and merged.is_file() and merged.stat().st_mtime >= weights.stat().st_mtime:
             log.info("extract: %s is up to date, skipped", merged)
             continue
-        batches = iterate_split(index, split, batch_size=cfg.trainer.batch_size, rank=env.rank,
+        # trainer.batch_size is global: each rank embeds its share of it per forward pass
+        batches = iterate_split(index, split, batch_size=max(1, cfg.trainer.batch_size // env.world_size),
+                                rank=env.rank,
                                 world_size=env.world_size, image_size=cfg.data.image_size,
                                 channels=cfg.data.channels, num_workers=cfg.data.num_workers)
         # This rank's shards, as iterate_split deals them; rank 0's heartbeat speaks for all (every share is

@@ -113,7 +113,7 @@ def run(ctx: StageContext) -> None:
         kt = make_kt_classifiers(
             head, train, source, ks=list(cfg.method.kt.ks), tau=cfg.method.kt.tau,
             exclude=cfg.data.exclude_from_training, few_threshold=cfg.evaluate.few_threshold,
-            linear_scale=cfg.model.scale_init, device=ctx.dist.device)
+            linear_scale=cfg.method.kt.linear_scale, device=ctx.dist.device)
         torch_save_atomic(kt.state_dict(), classifiers_path(ctx.run_dir))
         untrained = (kt.backbone_counts == 0).nonzero().flatten().tolist()
         summary = {"stage": "kt", "ks": kt.ks, "tau": kt.tau, "scale": kt.scale,
