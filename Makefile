@@ -61,10 +61,10 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench-kernels: install
-	$(PY) -m ltdist.kernels.bench
+	$(PY) -m ltdist.cli bench kernels
 
 bench-engine: install
-	$(PY) -m ltdist.engine.bench
+	$(PY) -m ltdist.cli bench engine
 
 # Every Triton kernel × autotune config × fp32/bf16 × sm_80/sm_90, compiled ahead of time (QUICK=1: the CI subset).
 compile-check: install

@@ -188,10 +188,10 @@ def part_pipeline(out: Path, dry_run: bool, limit: float) -> dict[str, Any]:
 
 def _engine_bench(out: Path, name: str, case: str, device: str, extra: list[str], timeout: float) -> dict[str, Any]:
     """One ``ltdist bench engine`` run: per loop ms/step and images/s, and DeepSpeed's step / the plain step."""
-    path = out / f"{name}.json"
     _checked([sys.executable, "-m", "ltdist.cli", "bench", "engine", "--device", device, "--cases", case,
-              "--precision", "bf16", "--zero-stage", "1", "--out", str(path), *extra], timeout, out / f"{name}.log")
-    row = json.loads(path.read_text())["results"][0]
+              "--precision", "bf16", "--zero-stage", "1", "--out", str(out / name), *extra], timeout,
+             out / f"{name}.log")
+    row = json.loads((out / name / "results.json").read_text())["results"][0]
     loops = {loop: dict(ms=round(1e3 * s["wall_s"], 2), images_per_s=round(row["batch"] / s["wall_s"], 1),
                         per_plain_step=round(s["paired_wall"], 3)) for loop, s in row["loops"].items()}
     return dict(case=case, channels_last=row["channels_last"], loops=loops)
@@ -226,8 +226,8 @@ def part_throughput(out: Path, dry_run: bool, limit: float, pipeline: dict[str, 
         result["kernels"] = "skipped: needs CUDA"
         return result
     kernels = bench / "kernels"
-    rc, seconds = _run([sys.executable, "-m", "ltdist.kernels.bench", "--out", str(kernels), "--budget", "0.2"],
-                       deadline - time.monotonic(), bench / "kernels.log")
+    rc, seconds = _run([sys.executable, "-m", "ltdist.cli", "bench", "kernels", "--out", str(kernels),
+                        "--budget", "0.2"], deadline - time.monotonic(), bench / "kernels.log")
     if rc != 0:
         raise RuntimeError(f"ltdist bench kernels: exit status {rc} after {seconds} s (see {bench / 'kernels.log'})")
     result["kernels"] = dict(seconds=seconds, **json.loads((kernels / "results.json").read_text()))

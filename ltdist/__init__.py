@@ -20,7 +20,7 @@ import, lazy ones included). A module may import its own layer and the layers be
   ``DictConfig``.
 - **stages** (load inputs from the run directory → call a method → save outputs) ← **run** (launch, job,
   sweep, the run lock) ← **tools**: command-line entry points that drive the whole stack — the ``ltdist``
-  console script, the benchmarks and the GPU check — wherever their file sits today.
+  console script, the benchmarks (``ltdist.bench``) and the GPU check (in ``ltdist.kernels``).
 """
 
 __version__ = "0.1.0"
@@ -40,8 +40,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("config", ("ltdist.config",)),
     ("stages", ("ltdist.stages",)),
     ("run", ("ltdist.launch", "ltdist.job", "ltdist.sweep", "ltdist.runlock")),
-    ("tools", ("ltdist.cli", "ltdist.scale_bench", "ltdist.data.bench", "ltdist.engine.bench",
-               "ltdist.engine.bench_dist", "ltdist.engine.bench_objectives", "ltdist.methods.mpfa_bench",
-               "ltdist.kernels.bench", "ltdist.kernels.compile_check", "ltdist.kernels.cuda_build_check",
+    ("tools", ("ltdist.cli", "ltdist.bench", "ltdist.kernels.compile_check", "ltdist.kernels.cuda_build_check",
                "ltdist.kernels.gpu_bundle", "ltdist.kernels.gpu_check", "ltdist.kernels.gpu_check_pipeline")),
 )

@@ -14,13 +14,13 @@ COMMANDS = {
     "sweep": "ltdist.sweep",
 }
 BENCHMARKS = {
-    "kernels": "ltdist.kernels.bench",
-    "engine": "ltdist.engine.bench",
-    "objectives": "ltdist.engine.bench_objectives",
-    "engine-dist": "ltdist.engine.bench_dist",
-    "data": "ltdist.data.bench",
-    "mpfa": "ltdist.methods.mpfa_bench",
-    "scale": "ltdist.scale_bench",
+    "kernels": "ltdist.bench.kernels",
+    "engine": "ltdist.bench.engine",
+    "objectives": "ltdist.bench.objectives",
+    "engine-dist": "ltdist.bench.engine_dist",
+    "data": "ltdist.bench.data",
+    "mpfa": "ltdist.bench.mpfa",
+    "scale": "ltdist.bench.scale",
 }
 
 USAGE = """usage: ltdist COMMAND [args...]
@@ -39,7 +39,8 @@ commands:
   bench mpfa     MPFA stage memory and generation throughput on an iNaturalist-shaped bank
   bench scale    every stage at 1 000 and 8 142 classes (synthetic iNaturalist-shaped data): time and memory
 
-'ltdist COMMAND --help' describes each command."""
+'ltdist COMMAND --help' describes each command; every benchmark writes --out DIR/results.json and DIR/table.txt
+(default DIR: runs/bench/NAME)."""
 
 
 def main(argv: list[str] | None = None) -> int:

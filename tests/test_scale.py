@@ -20,7 +20,6 @@ from ltdist.data.formats import synthetic
 from ltdist.data.formats.longtail import counts_with_total
 from ltdist.data.stats import main as stats_main
 from ltdist.data.stats import train_stats
-from ltdist.scale_bench import main as scale_main
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import kt as kt_stage
 from ltdist.stages.kt import load_kt_classifiers
@@ -123,25 +122,3 @@ def test_kt_and_evaluate_with_2000_classes(tmp_path, capsys):
     per_class = json.loads((run_dir / "per_class_accuracy.json").read_text())
     assert len(per_class["classifiers"]["ensemble"]) == CLASSES
     assert torch.tensor(per_class["train_counts"]).tolist() == counts
-
-
-def test_scale_bench_table_and_json(tmp_path, capsys):
-    """``ltdist bench scale`` on its cheap stages at two small class counts: rows, ratios and the JSON."""
-    out = tmp_path / "scale.json"
-    assert scale_main(["--classes", "120", "60", "--stages", "shards", "stats", "--out", str(out),
-                       "--work-dir", str(tmp_path / "work"), "--shard-workers", "1", "--batch-size", "64"]) == 0
-    result = json.loads(out.read_text())
-    assert result["classes"] == [60, 120]
-    for classes in ("60", "120"):
-        shards = result["runs"][classes]["shards"]
-        assert shards["wall_s"] > 0 and shards["peak_rss_gib"] > 0
-        index = read_index(tmp_path / "work" / f"classes_{classes}" / "shards")
-        assert shards["work"] == sum(sum(c) for c in index.counts.values())
-        assert result["runs"][classes]["stats"]["stream"]["classes_never_emitted"] == 0
-    row = next(line for line in result["table"].splitlines() if line.startswith("| shards |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    time_ratio, work_ratio, quotient = (float(c) for c in cells[4:7])
-    assert work_ratio == pytest.approx(result["runs"]["120"]["shards"]["work"] / result["runs"]["60"]["shards"]["work"],
-                                       abs=0.01)
-    assert quotient == pytest.approx(time_ratio / work_ratio, abs=0.01)
-    assert "| shards |" in capsys.readouterr().out

@@ -1,10 +1,10 @@
-"""MPFA at iNaturalist scale: ``python -m ltdist.methods.mpfa_bench --out mpfa_bench.json`` (``ltdist bench mpfa``).
+"""MPFA at iNaturalist scale: ``ltdist bench mpfa --out DIR``.
 
 A synthetic bank shaped like iNaturalist-2018 (8142 classes, 437 513 features, counts from 1000 down
 to 2 on a Pareto-like profile, d = 2048, non-negative features) goes through the mpfa stage's own
 functions: the MPFA-space bank built in place (:func:`ltdist.methods.mpfa.build_bank`), empirical
-centres, neighbours, the generation plan, then one draw window and a few retrain steps. Reported (and
-written as JSON):
+centres, neighbours, the generation plan, then one draw window and a few retrain steps. Reported (printed
+and written to ``DIR/results.json``):
 
 - peak and steady resident memory against the bank size (no d×d matrix per class, no generated set);
 - the sampler on one draw window (``--window`` generated features in one call, as the retrain draws
@@ -25,11 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import time
-from pathlib import Path
 
 import torch
 
+from ltdist.bench.harness import add_out_argument, time_once, write_results
 from ltdist.data.formats.longtail import counts_with_total
 from ltdist.methods.mpfa import (
     AugmentationPlan,
@@ -81,31 +80,25 @@ def class_terms(plan: AugmentationPlan, sources: torch.Tensor) -> dict[int, int]
     return dict(zip(classes.tolist(), rows.tolist()))
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def matmul_reference(plan: AugmentationPlan, terms: dict[int, int]) -> dict[str, float]:
     """torch.matmul GFLOP/s on the sampler's own GEMMs (per class: [rows, N_k] normals × the class's bank
     rows) and on one large GEMM of the same FLOPs ([m, 1024] × [1024, d])."""
     bank, offsets = plan.bank, plan.offsets.tolist()
     normals = {k: torch.randn(r, offsets[k + 1] - offsets[k]) for k, r in terms.items()}
     flops = sum(2.0 * e.numel() * bank.shape[1] for e in normals.values())
-    same = timed(lambda: [torch.matmul(e, bank[offsets[k]:offsets[k + 1]]) for k, e in normals.items()])
+    same = time_once(lambda: [torch.matmul(e, bank[offsets[k]:offsets[k + 1]]) for k, e in normals.items()])
     normals.clear()  # free the normals before the large GEMM
     n = 1024
     b = torch.randn(n, bank.shape[1])
     a = torch.randn(max(1, round(flops / (2 * n * bank.shape[1]))), n)
     torch.matmul(a[:8], b)  # warm-up
-    large = timed(lambda: torch.matmul(a, b))
+    large = time_once(lambda: torch.matmul(a, b))
     return {"same_shapes": flops / same / 1e9, "large_gemm": 2 * a.shape[0] * n * bank.shape[1] / large / 1e9}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("mpfa_bench.json"))
+    add_out_argument(parser, "mpfa")
     parser.add_argument("--classes", type=int, default=8142)
     parser.add_argument("--total", type=int, default=437_513)
     parser.add_argument("--dim", type=int, default=2048)
@@ -121,18 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "threads": torch.get_num_threads()}
+    result: dict = {"threads": torch.get_num_threads()}
     result["rss_start_gib"] = rss_gib()[0]
 
     counts = torch.tensor(counts_with_total(args.classes, args.total, 1000, 2))
     raw, labels = synthetic_features(counts, args.dim, args.seed)
     result["bank_gib"] = raw.numel() * 4 / GIB
     result["rss_after_features_gib"] = rss_gib()[0]
-    start = time.perf_counter()
-    bank, offsets = build_bank(raw, labels, args.classes, 0.5, in_place=True)  # the stage builds it in place too
-    del raw
-    centres = empirical_centres(bank, offsets)
-    result["bank_and_centres_s"] = time.perf_counter() - start
+
+    def bank_and_centres() -> None:
+        nonlocal raw, bank, offsets, centres
+        bank, offsets = build_bank(raw, labels, args.classes, 0.5, in_place=True)  # the stage builds it in place too
+        del raw
+        centres = empirical_centres(bank, offsets)
+
+    bank = offsets = centres = neighbours = weights = None
+    result["bank_and_centres_s"] = time_once(bank_and_centres)
     per_source = generation_counts(counts, "balanced")
     bank_labels = torch.repeat_interleave(torch.arange(args.classes), counts)
     gen = torch.Generator().manual_seed(args.seed)
@@ -141,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         searched = generating.nonzero().flatten()
         searched = searched[torch.randperm(searched.numel(), generator=gen)[:args.neighbour_rows]]
         generating = torch.zeros_like(generating).index_fill_(0, searched, True)
-    start = time.perf_counter()
-    neighbours, weights = select_neighbours(bank, bank_labels, centres, counts, generating, args.neighbours, False)
-    search_s = time.perf_counter() - start
+
+    def search() -> None:
+        nonlocal neighbours, weights
+        neighbours, weights = select_neighbours(bank, bank_labels, centres, counts, generating, args.neighbours, False)
+
+    search_s = time_once(search)
     all_generating = int((per_source > 0).sum())
     result["neighbour_search"] = {"rows": int(generating.sum()), "seconds": search_s,
                                   "extrapolated_all_rows_s": search_s * all_generating / int(generating.sum())}
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     draw = lambda s: draw_features(plan, s, alpha=0.4, beta=0.05, beta_form="identity", seed=1,
                                    streams=torch.arange(s.numel()), precision=args.precision)
     draw(sources[:256])
-    gen_s = timed(lambda: draw(sources))
+    gen_s = time_once(lambda: draw(sources))
     terms = class_terms(plan, sources)
     flops = sum(2.0 * r * int(offsets[k + 1] - offsets[k]) * args.dim for k, r in terms.items())
     reference = matmul_reference(plan, terms)
@@ -187,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     items = torch.cat([generated, torch.randint(plan.num_real, (num_real,), generator=gen)])
     features, labels_b = item_features(plan, items, settings, 0)
     train_step(model, optimizer, features[:64], labels_b[:64], 64, 1)  # warm-up (lazy imports)
-    step_s = timed(lambda: [train_step(model, optimizer, features, labels_b, args.batch_size, 1)
+    step_s = time_once(lambda: [train_step(model, optimizer, features, labels_b, args.batch_size, 1)
                             for _ in range(args.steps)]) / args.steps
     window_rows = torch.randint(plan.num_real, (args.window,), generator=gen)
-    move_s = timed(lambda: (plan.bank[window_rows], plan.source_of(torch.randint(plan.generated, (args.window,)))))
+    move_s = time_once(lambda: (plan.bank[window_rows], plan.source_of(torch.randint(plan.generated, (args.window,)))))
     steps = plan.size / args.batch_size
     split = {"sampling_s": plan.generated / args.window * gen_s, "classifier_s": steps * step_s,
              "data_movement_s": plan.size / args.window * move_s}
@@ -203,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     result["peak_over_bank"] = result["peak_rss_gib"] / result["bank_gib"]
     result["avoided"] = {"dense_class_covariances_gib": args.classes * args.dim**2 * 4 / GIB,
                          "materialised_generated_gib": plan.generated * args.dim * 4 / GIB}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    table = json.dumps(result, indent=2)  # the figures are the report: printed as they are written
+    print(table)
+    print(f"wrote {write_results(args.out, 'mpfa', args, table, **result)}")
     return 0
 
 

@@ -1,11 +1,12 @@
 """Benchmark: the cost of a stage-1 objective's step relative to a plain cross-entropy step.
 
-    python -m ltdist.engine.bench_objectives [--case resnet32:28:128] [--steps 10] [--out bench_objectives.json]
+    ltdist bench objectives [--case resnet32:28:128] [--steps 10] [--out DIR]
 
 Same model, batch and optimizer for every objective; one optimizer step = the objective's
 ``before_micro_step`` (MPCL: the meta step), one forward, the loss, backward, SGD step and
-``after_micro_step`` (MPCL: the prototype EMA). The objectives alternate step by step (rotating the order)
-so that load drift on a shared machine hits them alike; the ratio is the median of per-round ratios to CE.
+``after_micro_step`` (MPCL: the prototype EMA). The objectives alternate step by step (rotating the order,
+:func:`ltdist.bench.harness.timed_rounds`) so that load drift on a shared machine hits them alike; the ratio
+is the median of per-round ratios to CE.
 Cases: ``ce``; ``mpcl (no meta-network)`` = CE + L_PC with EMA prototypes; ``mpcl, meta step every step``
 with ``meta_inner=last_stage`` and ``all``.
 """
@@ -15,16 +16,14 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
-import statistics
+import itertools
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ltdist.bench.harness import add_out_argument, summarise, timed_rounds, write_results
 from ltdist.data.meta_set import MetaSet
 from ltdist.engine.objective import TrainingObjective
 from ltdist.methods.objectives.logit_adjusted import cross_entropy
@@ -77,18 +76,15 @@ def bench_objectives(arch: str, size: int, batch: int, channels: int, steps: int
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
     images = torch.randn(batch, channels, size, size)
     labels = torch.randint(0, num_classes, (batch,))
-    names = list(objectives)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(warmup + steps):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            start = time.perf_counter()
-            _step(models[name], optimizers[name], objectives[name], images, labels, i)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    rows = []
-    for name in names:
-        paired = statistics.median(t / c for t, c in zip(times[name], times["ce"]))
-        rows.append({"objective": name, "step_s": statistics.median(times[name]), "paired_ratio_to_ce": paired})
+
+    def loop(name: str):
+        rounds = itertools.count()  # every loop runs once per round: its own call count is the round (the step)
+        return lambda: _step(models[name], optimizers[name], objectives[name], images, labels, next(rounds))
+
+    loops = {name: loop(name) for name in objectives}
+    summary = summarise(timed_rounds(loops, steps, warmup), "ce")
+    rows = [{"objective": name, "step_s": s["wall_s"], "paired_ratio_to_ce": s["paired_wall"]}
+            for name, s in summary.items()]
     return {"arch": arch, "image_size": size, "batch": batch, "channels": channels, "steps": steps,
             "threads": torch.get_num_threads(), "results": rows}
 
@@ -99,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("bench_objectives.json"))
+    add_out_argument(parser, "objectives")
     args = parser.parse_args(argv)
     try:
         arch, size, batch = args.case.split(":")
@@ -107,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--case is arch:image_size:batch, got {args.case!r}")
     result = bench_objectives(arch, size, batch, args.channels, args.steps, args.warmup)
-    print(f"{arch} {size}px batch {batch}, {result['threads']} threads, {args.steps} timed steps")
-    print(f"{'objective':<36}{'step ms':>10}{'× CE':>8}")
-    for r in result["results"]:
-        print(f"{r['objective']:<36}{1e3 * r['step_s']:>10.1f}{r['paired_ratio_to_ce']:>8.2f}")
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    table = "\n".join([f"{arch} {size}px batch {batch}, {result['threads']} threads, {args.steps} timed steps",
+                       f"{'objective':<36}{'step ms':>10}{'× CE':>8}",
+                       *(f"{r['objective']:<36}{1e3 * r['step_s']:>10.1f}{r['paired_ratio_to_ce']:>8.2f}"
+                         for r in result["results"])])
+    print(table)
+    print(f"wrote {write_results(args.out, 'objectives', args, table, **result)}")
     return 0
 
 

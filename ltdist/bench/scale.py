@@ -1,4 +1,4 @@
-"""The iNaturalist-2018 rehearsal: ``ltdist bench scale --out scale_bench.json``.
+"""The iNaturalist-2018 rehearsal: ``ltdist bench scale --out DIR [--config PRESET]``.
 
 Runs every stage on the synthetic iNaturalist-shaped data (:mod:`ltdist.data.formats.synthetic`) at
 several class counts (default 1 000 and 8 142, the same profile) and measures each stage as a user
@@ -7,14 +7,16 @@ a loader worker, the writer) and, for the launched stages, the stage's own time 
 
 Stages: ``shards`` (``ltdist shards synthetic``), ``stats`` (``ltdist stats``, every rank's stream for one
 epoch, no decoding), ``train`` / ``extract`` / ``kt`` / ``evaluate`` (``ltdist launch --cluster local``
-with ``configs/experiment/synthetic_inat.yaml``, one stage per launch in one run directory) and ``mpfa``
+with the preset ``--config`` (default: a checkout's ``configs/experiment/synthetic_inat.yaml``, next to the
+package), one stage per launch in one run directory) and ``mpfa``
 (``ltdist bench mpfa``: MPFA's set-up and a few generation + retrain batches on an iNaturalist-shaped
 d = 2048 bank of the same class count).
 
 The table puts the smallest class count first as the baseline: per stage the time ratio, the ratio of
 the work the stage does (images, class pairs, test samples × classes, ...) and their quotient, which is
 about 1 for a stage linear in its work (fixed start-up costs pull it below 1). Results are written to
-the JSON after every stage; ``--resume`` skips what it already holds.
+``DIR/results.json`` after every stage (the table to ``DIR/table.txt`` at the end); ``--resume`` skips
+what it already holds.
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ import sys
 import time
 from pathlib import Path
 
+import ltdist
+from ltdist.bench.harness import add_out_argument, time_once, write_results
 from ltdist.data.formats import synthetic
 from ltdist.data.index import read_index
 from ltdist.data.stats import emission_check
 
-PRESET = Path(__file__).resolve().parents[1] / "configs" / "experiment" / "synthetic_inat.yaml"
+# The preset ships with a checkout, not with the package: found next to the package (an editable install),
+# else named with --config.
+PRESET = Path("configs") / "experiment" / "synthetic_inat.yaml"
 LAUNCHED = ("train", "extract", "kt", "evaluate")
 STAGES = ("shards", "stats", *LAUNCHED, "mpfa")
 WORK_UNITS = {"shards": "images written", "stats": "samples emitted", "train": "images trained + validated",
@@ -45,12 +51,16 @@ _STAGE_DONE = re.compile(r"\[rank 0\] .*stage (\w+) done in ([0-9.]+) s")
 def measure(cmd: list[str], log_path: Path, stdout_path: Path | None = None) -> dict:
     """Run ``cmd`` (stderr, and stdout unless ``stdout_path``, to ``log_path``); wall seconds and the peak RSS
     (GiB) of its largest process. Raises RuntimeError with the log's tail when it fails."""
-    start = time.perf_counter()
-    with open(log_path, "w") as log, open(stdout_path or os.devnull, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out if stdout_path else log, stderr=log)
-        # wait4's rusage covers the child and every descendant it waited for: ru_maxrss is the largest of them.
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
+    waited = {}
+
+    def run() -> None:
+        with open(log_path, "w") as log, open(stdout_path or os.devnull, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out if stdout_path else log, stderr=log)
+            # wait4's rusage covers the child and every descendant it waited for: ru_maxrss is the largest of them.
+            _, waited["status"], waited["usage"] = os.wait4(proc.pid, 0)
+
+    wall = time_once(run)
+    status, usage = waited["status"], waited["usage"]
     if os.waitstatus_to_exitcode(status) != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(cmd)} failed (see {log_path}):\n{tail}")
@@ -78,8 +88,8 @@ def stage_command(stage: str, classes: int, work: Path, args: argparse.Namespace
                 str(args.batch_size // args.ranks), "--no-decode", "--json"]
     if stage == "mpfa":  # a bank with the train split's counts
         return [*py, "ltdist.cli", "bench", "mpfa", "--classes", str(classes), "--total",
-                str(sum(read_index(shards).train_counts)), "--out", str(work / "mpfa_bench.json")]
-    return [*py, "ltdist.launch", "--cluster", "local", "--config", str(PRESET), f"data.shards={shards}",
+                str(sum(read_index(shards).train_counts)), "--out", str(work / "mpfa_bench")]
+    return [*py, "ltdist.launch", "--cluster", "local", "--config", str(args.config), f"data.shards={shards}",
             f"output.root={work / 'runs'}", "output.run_id=rehearsal", f"stages=[{stage}]",
             # max_steps, not the epoch count, ends training at every class count
             f"trainer.max_steps={args.steps}", f"trainer.epochs={args.steps}",
@@ -137,7 +147,9 @@ def format_table(result: dict) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ltdist bench scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("scale_bench.json"))
+    add_out_argument(p, "scale")
+    p.add_argument("--config", type=Path, default=None, metavar="PRESET",
+                   help=f"the launched stages' preset (default: {PRESET} next to the installed package)")
     p.add_argument("--work-dir", type=Path, default=Path("scale_rehearsal"),
                    help="shards and run directories, one sub-directory per class count")
     p.add_argument("--classes", type=int, nargs="+", default=[1000, synthetic.INAT_CLASSES])
@@ -151,11 +163,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.resume and args.out.is_file():
-        result = json.loads(args.out.read_text())
-    else:
-        result = {"args": {k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count(), "runs": {}}
+    p = parser()
+    args = p.parse_args(argv)
+    if args.config is None and set(args.stages) & set(LAUNCHED):
+        args.config = Path(ltdist.__file__).resolve().parents[1] / PRESET
+        if not args.config.is_file():
+            p.error(f"the stages {[s for s in args.stages if s in LAUNCHED]} launch with the preset {PRESET}, which "
+                    f"ships with a checkout, not with the installed package ({args.config} is missing): pass "
+                    f"--config PATH (a checkout's {PRESET}, or a preset of your own)")
+    saved = args.out / "results.json"
+    previous = json.loads(saved.read_text()) if args.resume and saved.is_file() else {}
+    result = {"cpus": previous.get("cpus", os.cpu_count()), "runs": previous.get("runs", {})}
     result["classes"] = sorted(args.classes)
     for classes in result["classes"]:
         work = args.work_dir.absolute() / f"classes_{classes}"
@@ -179,12 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             row["work"] = stage_work(stage, classes, work, args)
             runs[stage] = row
             print(f"  {json.dumps(row)}", flush=True)
-            args.out.write_text(json.dumps(result, indent=1) + "\n")
+            write_results(args.out, "scale", args, **result)
     table = format_table(result)
     result["table"] = table
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(table)
-    print(f"written to {args.out}")
+    print(f"written to {write_results(args.out, 'scale', args, table, **result)}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Benchmark cases of ``python -m ltdist.kernels.bench``: for each op and shape, the implementations
+"""Benchmark cases of ``ltdist bench kernels`` (:mod:`ltdist.bench.kernels`): for each op and shape, the implementations
 to time (fast path, eager PyTorch, torch.compile, and op-specific baselines) with FLOP and byte counts
 for the roofline. Each implementation is a zero-argument callable; tensors are created once per case."""
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from ltdist.kernels._dispatch import triton_available
 from ltdist.kernels.calibrated_sampler import calibrated_sample, calibrated_sample_dense, group_bank
 from ltdist.kernels.cosine_logits import cosine_cross_entropy_reference, cosine_logits_reference

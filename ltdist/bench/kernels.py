@@ -1,11 +1,13 @@
-"""Kernel microbenchmarks: ``python -m ltdist.kernels.bench`` (also ``ltdist bench kernels``).
+"""Kernel microbenchmarks: ``ltdist bench kernels [--quick | --full] [--out DIR]``.
 
 For each op and shape: median and p20/p80 time of the fast path (Triton / C++ / CUDA), eager PyTorch
 and torch.compile, plus op baselines (two matmuls for KT attention; the per-source
 ``numpy.random.multivariate_normal`` loop, the dense Cholesky path and ``torch.matmul`` on the sampler's
 own GEMM shapes, with the sampler's GFLOP/s as a fraction of it). On a GPU also
-the roofline from the measured peak (large matmul, device copy) and % of roofline. Writes
-``results.csv``, ``results.json`` and ``times.png`` under ``--out``.
+the roofline from the measured peak (large matmul, device copy) and % of roofline. Each implementation
+is timed on its own: one warm-up call, then repeats until ``--budget`` seconds are spent
+(:func:`ltdist.bench.harness.timed_rounds` with one loop). Writes ``results.json``, ``table.txt``,
+``results.csv`` and ``times.png`` under ``--out``.
 
 Shape sets: ``--quick`` (smoke), default (CPU: minutes on 2 cores; GPU: the issue's shapes), ``--full``
 (the issue's shapes: B ∈ {64,256,512}, N ∈ {1000,8142}, F = 2048, KT N ∈ {1000,8142}, EMA B ∈
@@ -16,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from ltdist.kernels import _bench_cases as cases
+
+from ltdist.bench import kernel_cases as cases
+from ltdist.bench.harness import add_out_argument, summarise, timed_rounds, write_results
 
 IMPL_ORDER = ["fast", "eager", "compile", "two_matmuls", "matmul", "dense_cholesky", "numpy_loop"]
 
@@ -36,30 +37,13 @@ def _sync(device: torch.device) -> None:
 
 
 def time_call(fn: Callable[[], object], device: torch.device, budget_s: float, min_reps: int = 3,
-              max_reps: int = 50) -> list[float]:
-    """Seconds per call: one warm-up call (compilation, autotuning), then repeats within ``budget_s``
-    (a single repeat when the warm-up alone exceeded the budget: the slow baselines)."""
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    if time.perf_counter() - t0 > budget_s:
-        min_reps = 1
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def quantile(xs: list[float], q: float) -> float:
-    ys = sorted(xs)
-    pos = q * (len(ys) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ys) - 1)
-    return ys[lo] + (ys[hi] - ys[lo]) * (pos - lo)
+              max_reps: int = 50) -> dict[str, float]:
+    """Median, p20 and p80 seconds per call (``wall_s``, ``wall_p20_s``, ``wall_p80_s``) and ``reps``: one
+    warm-up call (compilation, autotuning), then ``min_reps`` to ``max_reps`` repeats within ``budget_s`` (a
+    single repeat when the warm-up alone exceeded the budget: the slow baselines)."""
+    times = timed_rounds({"call": fn}, max_reps, warmup=1, sync=lambda: _sync(device), budget_s=budget_s,
+                         min_steps=min_reps)
+    return {**summarise(times, "call")["call"], "reps": len(times["call"]["wall"])}
 
 
 def measure_peaks(device: torch.device) -> dict[str, float]:
@@ -68,11 +52,11 @@ def measure_peaks(device: torch.device) -> dict[str, float]:
     peaks = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        t = statistics.median(time_call(lambda a=a, b=b: a @ b, device, budget_s=1.0))
+        t = time_call(lambda a=a, b=b: a @ b, device, budget_s=1.0)["wall_s"]
         peaks[f"flops_{name}"] = 2.0 * n**3 / t
     src = torch.empty(2**28 if device.type == "cuda" else 2**25, device=device)
     dst = torch.empty_like(src)
-    t = statistics.median(time_call(lambda: dst.copy_(src), device, budget_s=1.0))
+    t = time_call(lambda: dst.copy_(src), device, budget_s=1.0)["wall_s"]
     peaks["bytes_per_s"] = 2.0 * src.numel() * 4 / t
     return peaks
 
@@ -97,14 +81,16 @@ def collect(args: argparse.Namespace, device: torch.device) -> Iterator[cases.Ca
         yield from cases.sampler_cases(shapes["sampler"], shapes["sampler_sources"], device, numpy_sources)
 
 
-def run_case(case: cases.Case, device: torch.device, peaks: dict[str, float] | None, budget_s: float) -> list[dict]:
+def run_case(case: cases.Case, device: torch.device, peaks: dict[str, float] | None, budget_s: float,
+             lines: list[str]) -> list[dict]:
+    """The rows of one case's implementations; each row's line is printed and appended to ``lines``."""
     rows = []
     for impl in sorted(case.impls, key=IMPL_ORDER.index):
-        times = time_call(case.impls[impl], device, budget_s)
+        t = time_call(case.impls[impl], device, budget_s)
         units = case.units.get(impl, 1)
-        row = dict(op=case.op, shape=case.shape, impl=impl, units=units, reps=len(times),
-                   median_ms=1e3 * statistics.median(times), p20_ms=1e3 * quantile(times, 0.2),
-                   p80_ms=1e3 * quantile(times, 0.8), flops=case.flops, bytes=case.bytes, **case.notes)
+        row = dict(op=case.op, shape=case.shape, impl=impl, units=units, reps=t["reps"],
+                   median_ms=1e3 * t["wall_s"], p20_ms=1e3 * t["wall_p20_s"], p80_ms=1e3 * t["wall_p80_s"],
+                   flops=case.flops, bytes=case.bytes, **case.notes)
         row["median_ms_per_unit"] = row["median_ms"] / units
         if peaks is not None and impl in ("fast", "compile", "two_matmuls"):
             peak = peaks["flops_bf16"] if "bfloat16" in case.shape else peaks["flops_fp32"]
@@ -112,15 +98,16 @@ def run_case(case: cases.Case, device: torch.device, peaks: dict[str, float] | N
             row["roofline_ms"] = 1e3 * roof_s
             row["pct_of_roofline"] = 100.0 * 1e3 * roof_s / row["median_ms"]
         rows.append(row)
-        print(f"{case.op:20s} {case.shape:38s} {impl:15s} median {row['median_ms']:10.3f} ms "
-              f"[p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}]"
-              + (f"  {row['pct_of_roofline']:.0f}% of roofline" if "pct_of_roofline" in row else ""), flush=True)
+        lines.append(f"{case.op:20s} {case.shape:38s} {impl:15s} median {row['median_ms']:10.3f} ms "
+                     f"[p20 {row['p20_ms']:.3f}, p80 {row['p80_ms']:.3f}]"
+                     + (f"  {row['pct_of_roofline']:.0f}% of roofline" if "pct_of_roofline" in row else ""))
+        print(lines[-1], flush=True)
     return rows
 
 
-def sampler_ratios(rows: list[dict]) -> list[dict]:
+def sampler_ratios(rows: list[dict], lines: list[str]) -> list[dict]:
     """Per shape: the sampler's GFLOP/s against torch.matmul on the same GEMM shapes (same run), and its
-    per-source speed-up over the numpy loop."""
+    per-source speed-up over the numpy loop; each printed and appended to ``lines``."""
     out = []
     by_shape: dict[str, dict[str, dict]] = {}
     for r in rows:
@@ -130,14 +117,16 @@ def sampler_ratios(rows: list[dict]) -> list[dict]:
         if "matmul" in impls:
             fast, ref = (impls[k]["flops"] / impls[k]["median_ms"] / 1e6 for k in ("fast", "matmul"))
             out.append(dict(shape=shape, gflop_per_s=fast, matmul_gflop_per_s=ref, fraction_of_matmul=fast / ref))
-            print(f"sampler {shape}: {fast:.1f} GFLOP/s, torch.matmul on the same shapes {ref:.1f} GFLOP/s "
-                  f"→ {100 * fast / ref:.0f} %")
+            lines.append(f"sampler {shape}: {fast:.1f} GFLOP/s, torch.matmul on the same shapes {ref:.1f} GFLOP/s "
+                         f"→ {100 * fast / ref:.0f} %")
+            print(lines[-1])
         if "numpy_loop" in impls:
             ratio = impls["numpy_loop"]["median_ms_per_unit"] / impls["fast"]["median_ms_per_unit"]
             out.append(dict(shape=shape, numpy_ms_per_source=impls["numpy_loop"]["median_ms_per_unit"],
                             fast_ms_per_source=impls["fast"]["median_ms_per_unit"], speedup=ratio))
-            print(f"sampler {shape}: numpy loop {impls['numpy_loop']['median_ms_per_unit']:.2f} ms/source, "
-                  f"C++ {impls['fast']['median_ms_per_unit']:.4f} ms/source → {ratio:.0f}× faster")
+            lines.append(f"sampler {shape}: numpy loop {impls['numpy_loop']['median_ms_per_unit']:.2f} ms/source, "
+                         f"C++ {impls['fast']['median_ms_per_unit']:.4f} ms/source → {ratio:.0f}× faster")
+            print(lines[-1])
     return out
 
 
@@ -187,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile timings")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of repeats per implementation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/kernels"))
+    add_out_argument(parser, "kernels")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.shapes is None:
@@ -196,21 +185,22 @@ def main(argv: list[str] | None = None) -> int:
 
     peaks = measure_peaks(device) if device.type == "cuda" else None
     rows: list[dict] = []
+    lines: list[str] = []
     for case in collect(args, device):
-        rows += run_case(case, device, peaks, args.budget)
-    ratios = sampler_ratios(rows)
+        rows += run_case(case, device, peaks, args.budget, lines)
+    ratios = sampler_ratios(rows, lines)
 
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                 torch=torch.__version__, threads=torch.get_num_threads(), shapes=args.shapes, peaks=peaks,
                 sampler_ratios=ratios, sampler_memory=sampler_memory())
-    (args.out / "results.json").write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+    write_results(args.out, "kernels", args, "\n".join(lines), meta=meta, results=rows)
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
     with (args.out / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, args.out / "times.png")
-    print(f"wrote {args.out}/results.csv, results.json, times.png", file=sys.stderr)
+    print(f"wrote {args.out}/results.json, table.txt, results.csv, times.png", file=sys.stderr)
     return 0
 
 

@@ -1,16 +1,17 @@
 """Benchmark: one optimizer step of the DeepSpeed engine vs a plain PyTorch loop, same model and batch.
 
-    python -m ltdist.engine.bench [--cases resnet32:28:128 resnet50:224:8] [--zero-stage 0] [--threads 1]
-                                  [--precision bf16] [--no-channels-last] [--compile] [--profile 4] [--out bench.json]
+    ltdist bench engine [--cases resnet32:28:128 resnet50:224:8] [--zero-stage 0] [--threads 1]
+                        [--precision bf16] [--no-channels-last] [--compile] [--profile 4] [--out DIR]
 
 Single process (gloo group of 1, as DeepSpeed needs one). Three loops train identical copies of the model
 on the same in-memory batch: plain PyTorch, DeepSpeed as it ships (``deepspeed.initialize`` on ltdist's
 config) and DeepSpeed as ltdist's trainer sets it up (:func:`ltdist.engine.ds_config.skip_single_rank_allreduce`).
-Steps rotate through the loops so that load drift and position effects hit all alike. Each step is timed
+Steps rotate through the loops (:func:`ltdist.bench.harness.timed_rounds`) so that load drift and position
+effects hit all alike. Each step is timed
 in wall time and in this process's CPU time: on a machine shared with other jobs the CPU time (with
 ``--threads 1``) is the steadier figure. ``--profile N`` then profiles N steps of each loop with
 torch.profiler and prints the top operators and where DeepSpeed's step differs from the plain one.
-The distributed comparison (2 ranks, DDP vs ZeRO 0/1/2) is :mod:`ltdist.engine.bench_dist`.
+The distributed comparison (2 ranks, DDP vs ZeRO 0/1/2) is :mod:`ltdist.bench.engine_dist`.
 
 ``--precision bf16``: every loop trains a bf16 model on bf16 batches (DeepSpeed's bf16 mode keeps fp32 master
 weights, the plain loop steps the bf16 parameters). The batch takes the trainer's memory format (channels-last
@@ -22,90 +23,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from ltdist.bench.harness import add_out_argument, format_profile, profile_loops, summarise, timed_rounds, write_results
+from ltdist.bench.steps import ds_step, make_sgd, plain_step
 from ltdist.engine import speed
 from ltdist.engine.ds_config import build_deepspeed_config, plan_batches, skip_single_rank_allreduce
 
 LOOPS = ("plain", "deepspeed", "ltdist")  # plain PyTorch, DeepSpeed as shipped, DeepSpeed as ltdist sets it up
-
-
-def plain_step(model, optimizer, images, labels) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(model(images), labels).backward()
-    optimizer.step()
-
-
-def ds_step(engine, images, labels) -> None:
-    engine.backward(F.cross_entropy(engine(images), labels))
-    engine.step()
-
-
-def make_sgd(model: torch.nn.Module) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-
-def timed_rounds(loops: dict[str, Callable[[], None]], steps: int, warmup: int,
-                 sync: Callable[[], None] = lambda: None) -> dict[str, dict[str, list[float]]]:
-    """Run ``warmup + steps`` rounds; each round runs every loop once, starting one loop later each round
-    (the loop that runs right after another measurably pays for its caches). Returns per loop the timed
-    rounds' ``wall`` and ``cpu`` (this process, all threads) seconds."""
-    names = list(loops)
-    times = {n: {"wall": [], "cpu": []} for n in names}
-    for i in range(warmup + steps):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            sync()
-            wall, cpu = time.perf_counter(), time.process_time()
-            loops[name]()
-            sync()
-            if i >= warmup:
-                times[name]["wall"].append(time.perf_counter() - wall)
-                times[name]["cpu"].append(time.process_time() - cpu)
-    return times
-
-
-def summarise(times: dict[str, dict[str, list[float]]], baseline: str) -> dict[str, dict]:
-    """Per loop: median wall/cpu seconds and, against ``baseline``, the median of per-round ratios (each
-    round's loops saw about the same load, so this is the steadiest ratio on a shared machine)."""
-    out = {}
-    for name, t in times.items():
-        base = times[baseline]
-        out[name] = {"wall_s": statistics.median(t["wall"]), "cpu_s": statistics.median(t["cpu"]),
-                     "paired_wall": statistics.median(a / b for a, b in zip(t["wall"], base["wall"])),
-                     "paired_cpu": statistics.median(a / b for a, b in zip(t["cpu"], base["cpu"]))}
-    return out
-
-
-def profile_loops(loops: dict[str, Callable[[], None]], steps: int, top: int = 10) -> dict[str, list]:
-    """torch.profiler over ``steps`` steps of each loop: the ``top`` operators by self CPU time per step
-    ``[name, ms, calls]``, plus ``"<loop> - <first loop>"``: the operators whose per-step time grew most."""
-    from torch.profiler import ProfilerActivity, profile
-
-    per_op: dict[str, dict[str, tuple[float, float]]] = {}
-    for name, step in loops.items():
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                step()
-        per_op[name] = {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()}
-    result: dict[str, list] = {}
-    first = next(iter(per_op))
-    for name, ops in per_op.items():
-        result[name] = [[k, ms, n] for k, (ms, n) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]]
-        if name != first:
-            keys = set(ops) | set(per_op[first])
-            grew = sorted(((ops.get(k, (0, 0))[0] - per_op[first].get(k, (0, 0))[0], k) for k in keys), reverse=True)
-            result[f"{name} - {first}"] = [[k, ms, per_op[first].get(k, (0, 0))[1], ops.get(k, (0, 0))[1]]
-                                           for ms, k in grew[:top]]
-    return result
 
 
 def bench_case(arch: str, image_size: int, batch: int, channels: int, steps: int, warmup: int, zero_stage: int,
@@ -147,18 +75,6 @@ def bench_case(arch: str, image_size: int, batch: int, channels: int, steps: int
     return row
 
 
-def print_profile(profile: dict[str, list]) -> None:
-    for name, entries in profile.items():
-        if " - " in name:
-            print(f"\nprofile, {name}: operators whose self CPU time per step grew most (ms, calls before -> after)")
-            for op, ms, before, after in entries:
-                print(f"  {op:<48}{ms:>+9.2f}  {before:>5.0f} -> {after:<5.0f}")
-        else:
-            print(f"\nprofile, {name}: top operators by self CPU time per step (ms, calls)")
-            for op, ms, calls in entries:
-                print(f"  {op:<48}{ms:>9.2f}  {calls:>5.0f}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=["resnet32:28:128", "resnet50:224:8"],
@@ -174,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="model and batch in channels-last format (default: on for cuda, as trainer.memory_format)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every loop's backbone (trainer.compile)")
-    parser.add_argument("--out", type=Path, default=Path("bench_engine.json"))
+    add_out_argument(parser, "engine")
     parser.add_argument("--objectives", action="store_true",
                         help="then time the stage-1 objectives on the first case (MPCL with and without the meta "
-                             "step vs CE; ltdist.engine.bench_objectives), written next to --out")
+                             "step vs CE; ltdist bench objectives), written to DIR/objectives")
     args = parser.parse_args(argv)
 
     from ltdist.distributed import init_distributed
@@ -200,27 +116,27 @@ def main(argv: list[str] | None = None) -> int:
             if args.channels_last is None else args.channels_last
         rows.append(bench_case(arch, size, batch, args.channels, args.steps, args.warmup, args.zero_stage,
                                env.device, args.profile, args.precision, channels_last, args.compile))
-    print(f"{'model':<12}{'px':>4}{'batch':>6}{'thr':>4}  {'loop':<10}{'wall ms':>9}{'CPU ms':>9}"
-          f"{'paired wall':>13}{'paired CPU':>12}")
+    lines = [f"{'model':<12}{'px':>4}{'batch':>6}{'thr':>4}  {'loop':<10}{'wall ms':>9}{'CPU ms':>9}"
+             f"{'paired wall':>13}{'paired CPU':>12}"]
     for r in rows:
         for name, s in r["loops"].items():
-            print(f"{r['arch']:<12}{r['image_size']:>4}{r['batch']:>6}{r['threads']:>4}  {name:<10}"
-                  f"{1e3 * s['wall_s']:>9.1f}{1e3 * s['cpu_s']:>9.1f}{s['paired_wall']:>13.3f}{s['paired_cpu']:>12.3f}")
-    print("ms: median per step; paired: median over rounds of the step's time / the plain step's time in the same "
-          "round; deepspeed: as shipped; ltdist: as the trainer sets it up")
+            lines.append(f"{r['arch']:<12}{r['image_size']:>4}{r['batch']:>6}{r['threads']:>4}  {name:<10}"
+                         f"{1e3 * s['wall_s']:>9.1f}{1e3 * s['cpu_s']:>9.1f}{s['paired_wall']:>13.3f}"
+                         f"{s['paired_cpu']:>12.3f}")
+    lines.append("ms: median per step; paired: median over rounds of the step's time / the plain step's time in the "
+                 "same round; deepspeed: as shipped; ltdist: as the trainer sets it up")
     for r in rows:
         if "profile" in r:
-            print(f"\n== {r['arch']} {r['image_size']} px, batch {r['batch']}")
-            print_profile(r["profile"])
-    args.out.write_text(json.dumps({"target_ratio": 1.10, "results": rows}, indent=1) + "\n")
-    print(f"wrote {args.out}")
+            lines += [f"\n== {r['arch']} {r['image_size']} px, batch {r['batch']}", *format_profile(r["profile"])]
+    table = "\n".join(lines)
+    print(table)
+    print(f"wrote {write_results(args.out, 'engine', args, table, target_ratio=1.10, results=rows)}")
     if args.objectives:
-        from ltdist.engine import bench_objectives
+        from ltdist.bench import objectives
 
         print()
-        return bench_objectives.main(["--case", args.cases[0], "--channels", str(args.channels), "--steps",
-                                      str(args.steps), "--warmup", str(args.warmup),
-                                      "--out", str(args.out.with_name(f"{args.out.stem}_objectives.json"))])
+        return objectives.main(["--case", args.cases[0], "--channels", str(args.channels), "--steps",
+                                str(args.steps), "--warmup", str(args.warmup), "--out", str(args.out / "objectives")])
     return 0
 
 

@@ -1,13 +1,13 @@
 """Benchmark, distributed: DeepSpeed ZeRO 0/1/2 against torch DistributedDataParallel on R ranks (gloo).
 
-    python -m ltdist.engine.bench_dist [--cases resnet32:28:128] [--ranks 2] [--steps 10] [--threads 1]
-                                       [--variant 'NAME:STAGE:JSON' ...] [--profile N] [--out FILE]
+    ltdist bench engine-dist [--cases resnet32:28:128] [--ranks 2] [--steps 10] [--threads 1]
+                             [--variant 'NAME:STAGE:JSON' ...] [--profile N] [--out DIR]
 
 The batch of a case is the global batch: each of the R processes trains on batch/R samples. Every rank
 holds one copy of the model per mode (DDP, ZeRO-0, ZeRO-1, ZeRO-2; same initial weights) and the rounds
-rotate through the modes as :func:`ltdist.engine.bench.timed_rounds` does. A barrier starts every step, and
+rotate through the modes (:func:`ltdist.bench.harness.timed_rounds`). A barrier starts every step, and
 a step's time is the slowest rank's (all-reduced max), which is what a synchronous job waits for. Prints
-median wall and CPU ms and the per-round ratio to DDP; writes them as JSON.
+median wall and CPU ms and the per-round ratio to DDP; writes them to ``DIR/results.json``.
 
 ``--variant NAME:STAGE:JSON`` adds a mode: ZeRO stage STAGE with JSON (raw DeepSpeed keys) merged into
 ltdist's config, e.g. ``'zero2-overlap:2:{"zero_optimization": {"overlap_comm": true}}'``, timed in the same
@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ltdist.engine.bench import ds_step, make_sgd, plain_step, print_profile, profile_loops, summarise, timed_rounds
+from ltdist.bench.harness import add_out_argument, format_profile, profile_loops, summarise, timed_rounds, write_results
+from ltdist.bench.steps import ds_step, make_sgd, plain_step
 from ltdist.engine.ds_config import build_deepspeed_config, plan_batches
 
 MODES = ("ddp", "zero0", "zero1", "zero2")
@@ -71,7 +72,8 @@ def _bench_case(rank: int, world: int, arch: str, size: int, batch: int, args: d
     return row
 
 
-def _rank_main(rank: int, world: int, port: int, cases: list[tuple[str, int, int]], args: dict, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, cases: list[tuple[str, int, int]], args: dict,
+               rows_path: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if args["threads"]:
@@ -82,8 +84,8 @@ def _rank_main(rank: int, world: int, port: int, cases: list[tuple[str, int, int
     init_distributed("cpu")
     isolate_torch_extensions()
     rows = [_bench_case(rank, world, arch, size, batch, args) for arch, size, batch in cases]
-    if rank == 0:
-        Path(out).write_text(json.dumps({"results": rows}, indent=1) + "\n")
+    if rank == 0:  # handed to the parent process, which writes the results
+        Path(rows_path).write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:STAGE:JSON",
                         help="another DeepSpeed mode: ZeRO STAGE with JSON merged into ltdist's config; repeatable")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile N steps of every mode")
-    parser.add_argument("--out", type=Path, default=Path("bench_engine_dist.json"))
+    add_out_argument(parser, "engine-dist")
     args = parser.parse_args(argv)
     variants = []
     for spec in args.variant:
@@ -123,23 +125,28 @@ def main(argv: list[str] | None = None) -> int:
         port = s.getsockname()[1]
     options = {"channels": args.channels, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
                "variants": variants, "profile": args.profile}
-    mp.start_processes(_rank_main, args=(args.ranks, port, cases, options, str(args.out)), nprocs=args.ranks,
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows_path = args.out / "rank0_rows.json"
+    mp.start_processes(_rank_main, args=(args.ranks, port, cases, options, str(rows_path)), nprocs=args.ranks,
                        start_method="spawn")
-    rows = json.loads(args.out.read_text())["results"]
-    print(f"{'model':<12}{'px':>4}{'batch':>6}{'ranks':>6}{'thr':>4}  {'mode':<7}{'wall ms':>9}{'CPU ms':>9}"
-          f"{'vs DDP wall':>13}{'vs DDP CPU':>12}")
+    rows = json.loads(rows_path.read_text())
+    rows_path.unlink()
+    lines = [f"{'model':<12}{'px':>4}{'batch':>6}{'ranks':>6}{'thr':>4}  {'mode':<7}{'wall ms':>9}{'CPU ms':>9}"
+             f"{'vs DDP wall':>13}{'vs DDP CPU':>12}"]
     for r in rows:
         for mode, s in r["modes"].items():
-            print(f"{r['arch']:<12}{r['image_size']:>4}{r['global_batch']:>6}{r['ranks']:>6}{r['threads']:>4}  "
-                  f"{mode:<7}{1e3 * s['wall_s']:>9.1f}{1e3 * s['cpu_s']:>9.1f}{s['paired_wall']:>13.3f}"
-                  f"{s['paired_cpu']:>12.3f}")
-    print("ms: median per step of the slowest rank; vs DDP: median over rounds of the step's time / DDP's in the "
-          "same round; batch: global")
+            lines.append(f"{r['arch']:<12}{r['image_size']:>4}{r['global_batch']:>6}{r['ranks']:>6}{r['threads']:>4}  "
+                         f"{mode:<7}{1e3 * s['wall_s']:>9.1f}{1e3 * s['cpu_s']:>9.1f}{s['paired_wall']:>13.3f}"
+                         f"{s['paired_cpu']:>12.3f}")
+    lines.append("ms: median per step of the slowest rank; vs DDP: median over rounds of the step's time / DDP's in "
+                 "the same round; batch: global")
     for r in rows:
         if "profile" in r:
-            print(f"\n== {r['arch']} {r['image_size']} px, global batch {r['global_batch']} (rank 0)")
-            print_profile(r["profile"])
-    print(f"wrote {args.out}")
+            lines += [f"\n== {r['arch']} {r['image_size']} px, global batch {r['global_batch']} (rank 0)",
+                      *format_profile(r["profile"])]
+    table = "\n".join(lines)
+    print(table)
+    print(f"wrote {write_results(args.out, 'engine-dist', args, table, results=rows)}")
     return 0
 
 
