@@ -15,7 +15,7 @@ from stage_fixtures import make_run_dir, stage_context
 from ltdist.class_groups import class_groups, group_accuracy, per_class_accuracy
 from ltdist.count_bins import binned_accuracy, count_bins
 from ltdist.evaluate import TableSection, plot_group_bars, plot_per_class_accuracy, write_report
-from ltdist.evaluate.aggregate import aggregate_reports, format_mean_std_table
+from ltdist.evaluate.aggregate import aggregate_reports, format_mean_std_table, mean_std_cell
 from ltdist.methods.classifier_set import ClassifierSet, LinearScorer
 from ltdist.stages import evaluate as evaluate_stage
 from ltdist.stages import kt as kt_stage
@@ -115,6 +115,27 @@ def test_aggregate_mean_and_std_over_runs(tmp_path):
     other.write_text(json.dumps({"dataset": "other", "groups": {}, "classifiers": {}}))
     with pytest.raises(ValueError, match="cannot average"):
         aggregate_reports([paths[0], other])
+    assert mean_std_cell((0.811, 0.0, 1)) == "81.1 (1 run)"  # one run has no spread to show
+
+
+def test_a_best_row_with_no_seed_in_common_gets_no_verdict(tmp_path):
+    from ltdist.evaluate.compare import compare_runs, conclusions, find_runs, format_conclusions
+
+    for seed in range(3):
+        rows = {"cRT": (0.9, 0.5 + seed / 100), "NCM": (0.7, 0.3)}
+        if seed:
+            rows[f"KT-val w_h({seed})"] = (0.5, 0.1)  # a row named after what one seed chose
+        else:
+            rows["KT-val w_h(0)"] = (1.0, 1.0)
+        _report_run(tmp_path, seed, rows)
+    runs = find_runs([tmp_path])
+    found = conclusions(runs, compare_runs(runs))
+    best = found["best_overall"]
+    assert best["best"].endswith("=KT-val w_h(0)")
+    assert [d.verdict for d in best["versus"]] == ["n/a", "n/a"]  # cRT and NCM: seed 0 only in common
+    assert sorted(best["unpaired"]) == ["ce (linear head)=KT-val w_h(1)", "ce (linear head)=KT-val w_h(2)"]
+    assert "ahead of 0 of 2 others beyond seed noise; no verdict against 4 rows with fewer than 2 seeds in common" \
+        in format_conclusions(found)
 
 
 def test_count_bins_partition_the_classes_at_powers_of_two():
@@ -249,3 +270,14 @@ def test_stage_scores_every_classifier_on_val_as_well(tmp_path):
     (run_dir / "features" / "val.pt").unlink()  # a run without val: the report has test rows only
     evaluate_stage.run(ctx)
     assert "val" not in json.loads((run_dir / "report.json").read_text())
+
+
+def _report_run(root, seed, rows):
+    """A run dir with report.json rows name → (many, few) and a config.yaml."""
+    run_dir = root / f"seed{seed}"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(f"experiment: toy\nmodel:\n  classifier: linear\ntrainer:\n  seed: {seed}\n")
+    classifiers = {n: {"many": m, "medium": 0.5, "few": f, "all": (m + f) / 2} for n, (m, f) in rows.items()}
+    (run_dir / "report.json").write_text(json.dumps({"dataset": "toy", "groups": {"many": [0], "medium": [1],
+                                                                                  "few": [2]},
+                                                     "classifiers": classifiers}))

@@ -55,8 +55,13 @@ def aggregate_reports(paths: Sequence[Path], split: str = "test"
 
 
 def mean_std_cell(value: tuple[float, float, int] | None) -> str:
-    """"mean ± std" in percent for a (mean, std, runs) of fractions; "N/A" for None."""
-    return "N/A" if value is None else f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
+    """"mean ± std" in percent for a (mean, std, runs) of fractions; "mean (1 run)" when one run gives no
+    spread; "N/A" for None."""
+    if value is None:
+        return "N/A"
+    if value[2] == 1:
+        return f"{100 * value[0]:.1f} (1 run)"
+    return f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
 
 
 def format_mean_std_table(table: dict[str, dict[str, tuple[float, float, int] | None]],

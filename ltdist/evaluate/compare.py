@@ -190,12 +190,16 @@ def best_of(groups: dict[str, list[RunInfo]], rows: Sequence[dict], column: str 
         raise ValueError(f"no row reports {column!r}")
     top = ranked[0]
     top_values = per_seed(groups[top["stage1"]], top["stage2"], column)
-    versus = [paired_difference(top_values, per_seed(groups[r["stage1"]], r["stage2"], column),
-                                a_name=method_name(top["stage1"], top["stage2"]),
-                                b_name=method_name(r["stage1"], r["stage2"]), column=column)
-              for r in ranked[1:]]
+    versus, unpaired = [], []
+    for r in ranked[1:]:
+        values = per_seed(groups[r["stage1"]], r["stage2"], column)
+        if not set(values) & set(top_values):  # e.g. a KT-val row named after the k set one seed chose
+            unpaired.append(method_name(r["stage1"], r["stage2"]))
+            continue
+        versus.append(paired_difference(top_values, values, a_name=method_name(top["stage1"], top["stage2"]),
+                                        b_name=method_name(r["stage1"], r["stage2"]), column=column))
     return {"best": method_name(top["stage1"], top["stage2"]), "column": column, "mean": top[column][0],
-            "versus": versus}
+            "versus": versus, "unpaired": unpaired}
 
 
 def conclusions(runs: Sequence[RunInfo], rows: Sequence[dict], claims: Sequence[str] = ()) -> dict:
@@ -208,11 +212,15 @@ def conclusions(runs: Sequence[RunInfo], rows: Sequence[dict], claims: Sequence[
 
 
 def _best_sentence(best: dict) -> str:
-    ties = [d.b for d in best["versus"] if d.verdict != ">"]
+    ties = [d.b for d in best["versus"] if d.verdict in ("tie", "<")]
+    single = [d.b for d in best["versus"] if d.verdict == "n/a"]
     beaten = sum(d.verdict == ">" for d in best["versus"])
     tied = f"; tied with {', '.join(ties)}" if ties else ""
+    unjudged = single + list(best.get("unpaired", ()))
+    untested = (f"; no verdict against {len(unjudged)} rows with fewer than 2 seeds in common"
+                if unjudged else "")
     return (f"{best['best']} ({100 * best['mean']:.1f} %), ahead of {beaten} of {len(best['versus'])} others "
-            f"beyond seed noise{tied}")
+            f"beyond seed noise{tied}{untested}")
 
 
 def format_conclusions(found: dict) -> str:
