@@ -60,14 +60,19 @@ class RunInfo:
         return self.run_dir / "report.json"
 
     @cached_property
+    def parsed_report(self) -> dict:
+        """report.json, read once: the rows, the choices on val and the kept copy all come from it."""
+        return json.loads(self.report.read_text())
+
+    @cached_property
     def classifiers(self) -> dict[str, dict]:
-        """report.json's classifier rows of :attr:`split`, read once: every paired difference reads them."""
-        return split_rows(json.loads(self.report.read_text()), self.split, self.report)
+        """report.json's classifier rows of :attr:`split`: every paired difference reads them."""
+        return split_rows(self.parsed_report, self.split, self.report)
 
     def chosen_on_val(self) -> dict[str, dict]:
         """Stage-2 file → its parameters chosen on val (τ, k set), for the files that chose any: from
         report.json, or from ``classifiers/`` for a report written before it recorded them."""
-        report = json.loads(self.report.read_text())
+        report = self.parsed_report
         if "chosen_on_val" in report:
             chosen = report["chosen_on_val"]
         else:
@@ -262,8 +267,9 @@ def keep_reports(runs: Sequence[RunInfo], out_dir: Path) -> Path:
     for run in runs:
         target = root / (run.experiment or run.run_dir.parent.name) / f"seed{run.seed}"
         target.mkdir(parents=True, exist_ok=True)
-        report = json.loads(run.report.read_text())
-        report.setdefault("chosen_on_val", run.chosen_on_val())  # the classifier files stay behind
+        report = dict(run.parsed_report)
+        if "chosen_on_val" not in report:  # the classifier files stay behind
+            report["chosen_on_val"] = run.chosen_on_val()
         (target / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         shutil.copyfile(run.run_dir / "config.yaml", target / "config.yaml")
     return root
